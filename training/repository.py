@@ -1,0 +1,93 @@
+"""Write one model version into a Triton-compatible model repository: config.pbtxt, labels.txt, model and card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServingConfig", "file_sha256", "render_config", "write_model_version"]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the server (or NVIDIA Triton) needs to serve a model, rendered into ``config.pbtxt``."""
+
+    name: str
+    input_dims: tuple[int, int, int]  # H, W, C without the batch dimension
+    num_classes: int
+    max_batch_size: int
+    max_queue_delay_microseconds: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_size: int
+    instance_count: int = 1
+    input_name: str = "image"
+    output_name: str = "probabilities"
+
+
+def _dims(values: tuple[int, ...]) -> str:
+    return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+
+def render_config(config: ServingConfig) -> str:
+    """Render Triton's ModelConfig text format; KIND_AUTO lets Triton and our server pick GPU or CPU."""
+    preferred = (
+        f"  preferred_batch_size: {_dims(config.preferred_batch_sizes)}\n" if config.preferred_batch_sizes else ""
+    )
+    return (
+        f'name: "{config.name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {config.max_batch_size}\n"
+        "input [\n  {\n"
+        f'    name: "{config.input_name}"\n'
+        "    data_type: TYPE_UINT8\n"
+        "    format: FORMAT_NHWC\n"
+        f"    dims: {_dims(config.input_dims)}\n"
+        "  }\n]\n"
+        "output [\n  {\n"
+        f'    name: "{config.output_name}"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: [ {config.num_classes} ]\n"
+        '    label_filename: "labels.txt"\n'
+        "  }\n]\n"
+        "dynamic_batching {\n"
+        f"{preferred}"
+        f"  max_queue_delay_microseconds: {config.max_queue_delay_microseconds}\n"
+        f"  default_queue_policy {{ max_queue_size: {config.max_queue_size} }}\n"
+        "}\n"
+        f"instance_group [ {{ count: {config.instance_count} kind: KIND_AUTO }} ]\n"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_version(
+    repository: Path,
+    config: ServingConfig,
+    labels: tuple[str, ...],
+    onnx_file: Path,
+    card: dict[str, Any],
+    version: int = 1,
+) -> Path:
+    """Install ``onnx_file`` as ``<repository>/<name>/<version>/model.onnx`` with its config, labels and card.
+
+    Returns:
+        The model's folder, ``<repository>/<name>``.
+    """
+    model_dir = repository / config.name
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_file, version_dir / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(render_config(config))
+    (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    (version_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return model_dir
