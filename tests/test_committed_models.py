@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2
 
 from training.mnist import MnistSplit
 from training.photos import PhotoSet, decode_photo, resize_center_crop
+from training.repository import render_config
 from training.tasks import TASKS
 
 MODELS = ["digits", "catdog"]
@@ -83,6 +84,7 @@ def test_config_labels_and_onnx_agree(repo_root: Path, name: str) -> None:
     assert onnx_output.shape[1:] == list(config_output.dims) == [len(labels)]
     assert config_output.label_filename == "labels.txt"
     assert config.max_batch_size > 0
+    assert (folder / "config.pbtxt").read_text() == render_config(TASKS[name].serving), "re-export to update it"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -115,3 +117,5 @@ def test_catdog_accuracy(repo_root: Path, request: pytest.FixtureRequest) -> Non
     labels = np.array([photo.label for photo in photos])
     accuracy = _accuracy(session, images, labels)
     assert accuracy > MIN_ACCURACY, f"catdog: {accuracy:.3f} on the {len(photos)} validation photos"
+    card_accuracy = _card(_model_dir(repo_root, "catdog"))["accuracy"]["val"]["accuracy"]
+    assert accuracy == pytest.approx(card_accuracy, abs=1.5 / len(photos)), "the card's figure must be reproducible"

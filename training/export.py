@@ -113,4 +113,4 @@ def export_and_install(
             },
             "onnx": {"opset": OPSET, "sha256": file_sha256(onnx_path), "bytes": onnx_path.stat().st_size},
         }
-        return write_model_version(repository, task.serving, task.labels, onnx_path, card)
+        return write_model_version(repository, task.serving, onnx_path, card)

@@ -68,13 +68,16 @@ def _optimizer(
 
 
 @torch.no_grad()
-def _features(model: PixelClassifier, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
-        chunks.append(model.features(batch).float())
-    return torch.cat(chunks)
+def _in_batches(
+    function: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Apply ``function`` to uint8 NHWC images batch by batch, in inference mode, and concatenate in FP32."""
+    return torch.cat(
+        [
+            function(torch.from_numpy(np.array(images[start : start + batch_size])).to(device)).float()  # a copy
+            for start in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def fit_linear_probe(
@@ -85,7 +88,8 @@ def fit_linear_probe(
     Fine-tuning then starts from a head that already agrees with the pretrained features, so the first
     gradients do not tear those features apart. Returns the probe's accuracy on the images it was fitted on.
     """
-    features = _features(model, images, device)
+    model.eval()
+    features = _in_batches(model.features, images, device)
     targets = torch.from_numpy(labels.astype(np.int64)).to(device)
     fc = model.net.fc
     weight = torch.zeros_like(fc.weight, requires_grad=True)
@@ -147,15 +151,10 @@ def train_one_epoch(
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+def predict(model: nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
     """Class probabilities for uint8 NHWC images, in full precision (the reference the ONNX file must match)."""
     model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # a writable copy
-        outputs.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
-    return np.concatenate(outputs)
+    return torch.softmax(_in_batches(model, images, device), dim=1).cpu().numpy()
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:

@@ -9,21 +9,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServingConfig", "file_sha256", "render_config", "write_model_version"]
+__all__ = ["Batching", "ServingConfig", "file_sha256", "render_config", "write_model_version"]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching and instance defaults, rendered into ``config.pbtxt`` (tuned by the serving benchmarks)."""
+
+    max_batch_size: int
+    max_queue_delay_microseconds: int
+    max_queue_size: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instance_count: int = 1
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """What the server (or NVIDIA Triton) needs to serve a model, rendered into ``config.pbtxt``."""
+    """What the server (or NVIDIA Triton) needs to serve a model: the content of ``config.pbtxt`` and labels."""
 
     name: str
     input_dims: tuple[int, int, int]  # H, W, C without the batch dimension
-    num_classes: int
-    max_batch_size: int
-    max_queue_delay_microseconds: int
-    preferred_batch_sizes: tuple[int, ...]
-    max_queue_size: int
-    instance_count: int = 1
+    labels: tuple[str, ...]
+    batching: Batching
     input_name: str = "image"
     output_name: str = "probabilities"
 
@@ -34,13 +41,14 @@ def _dims(values: tuple[int, ...]) -> str:
 
 def render_config(config: ServingConfig) -> str:
     """Render Triton's ModelConfig text format; KIND_AUTO lets Triton and our server pick GPU or CPU."""
+    batching = config.batching
     preferred = (
-        f"  preferred_batch_size: {_dims(config.preferred_batch_sizes)}\n" if config.preferred_batch_sizes else ""
+        f"  preferred_batch_size: {_dims(batching.preferred_batch_sizes)}\n" if batching.preferred_batch_sizes else ""
     )
     return (
         f'name: "{config.name}"\n'
         'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {config.max_batch_size}\n"
+        f"max_batch_size: {batching.max_batch_size}\n"
         "input [\n  {\n"
         f'    name: "{config.input_name}"\n'
         "    data_type: TYPE_UINT8\n"
@@ -50,15 +58,15 @@ def render_config(config: ServingConfig) -> str:
         "output [\n  {\n"
         f'    name: "{config.output_name}"\n'
         "    data_type: TYPE_FP32\n"
-        f"    dims: [ {config.num_classes} ]\n"
+        f"    dims: [ {len(config.labels)} ]\n"
         '    label_filename: "labels.txt"\n'
         "  }\n]\n"
         "dynamic_batching {\n"
         f"{preferred}"
-        f"  max_queue_delay_microseconds: {config.max_queue_delay_microseconds}\n"
-        f"  default_queue_policy {{ max_queue_size: {config.max_queue_size} }}\n"
+        f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}\n"
+        f"  default_queue_policy {{ max_queue_size: {batching.max_queue_size} }}\n"
         "}\n"
-        f"instance_group [ {{ count: {config.instance_count} kind: KIND_AUTO }} ]\n"
+        f"instance_group [ {{ count: {batching.instance_count} kind: KIND_AUTO }} ]\n"
     )
 
 
@@ -73,7 +81,6 @@ def file_sha256(path: Path) -> str:
 def write_model_version(
     repository: Path,
     config: ServingConfig,
-    labels: tuple[str, ...],
     onnx_file: Path,
     card: dict[str, Any],
     version: int = 1,
@@ -88,6 +95,6 @@ def write_model_version(
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_file, version_dir / "model.onnx")
     (model_dir / "config.pbtxt").write_text(render_config(config))
-    (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in config.labels))
     (version_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return model_dir

@@ -24,7 +24,7 @@ from training.nets import (
     imagenet_state_dict,
 )
 from training.photos import CLASS_NAMES, Photo, decode_photo, load_photo_set, resize_center_crop
-from training.repository import ServingConfig
+from training.repository import Batching, ServingConfig
 
 __all__ = ["TASKS", "Batches", "Recipe", "Task", "TaskData"]
 
@@ -76,10 +76,14 @@ class Task:
     input_dims: tuple[int, int, int]  # H, W, C
     normalize: tuple[float, float]  # mean, std applied to raw 0..255 pixels inside the graph
     recipe: Recipe
-    serving: ServingConfig
+    batching: Batching
     build_net: Callable[[], FeatureNet]
     load: Callable[[Path, bool], TaskData]
     test_split: str
+
+    @property
+    def serving(self) -> ServingConfig:
+        return ServingConfig(self.name, self.input_dims, self.labels, self.batching)
 
     def build_classifier(self) -> PixelClassifier:
         """Raw uint8 NHWC pixels in, logits out."""
@@ -201,15 +205,7 @@ TASKS: dict[str, Task] = {
         input_dims=(28, 28, 1),
         normalize=(0.1307 * 255, 0.3081 * 255),  # MNIST's pixel mean and standard deviation
         recipe=Recipe(epochs=20, batch_size=256, learning_rate=3e-3, weight_decay=5e-4, label_smoothing=0.05),
-        serving=ServingConfig(
-            name="digits",
-            input_dims=(28, 28, 1),
-            num_classes=10,
-            max_batch_size=1024,
-            max_queue_delay_microseconds=200,
-            preferred_batch_sizes=(),
-            max_queue_size=8192,
-        ),
+        batching=Batching(max_batch_size=1024, max_queue_delay_microseconds=200, max_queue_size=8192),
         build_net=lambda: DigitNet(DigitNetConfig()),
         load=_load_digits,
         test_split="test",
@@ -230,15 +226,7 @@ TASKS: dict[str, Task] = {
             freeze_batchnorm=True,
             ema_decay=0.99,
         ),
-        serving=ServingConfig(
-            name="catdog",
-            input_dims=(224, 224, 3),
-            num_classes=2,
-            max_batch_size=128,
-            max_queue_delay_microseconds=1000,
-            preferred_batch_sizes=(),
-            max_queue_size=1024,
-        ),
+        batching=Batching(max_batch_size=128, max_queue_delay_microseconds=1000, max_queue_size=1024),
         build_net=_pretrained_lite0,
         load=_load_catdog,
         test_split="val",

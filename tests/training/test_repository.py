@@ -10,18 +10,20 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from training.repository import ServingConfig, file_sha256, render_config, write_model_version
+from training.repository import Batching, ServingConfig, file_sha256, render_config, write_model_version
 from training.tasks import TASKS
 
 CUSTOM = ServingConfig(
     name="custom",
     input_dims=(32, 32, 3),
-    num_classes=5,
-    max_batch_size=64,
-    max_queue_delay_microseconds=500,
-    preferred_batch_sizes=(8, 16),
-    max_queue_size=100,
-    instance_count=2,
+    labels=tuple("abcde"),
+    batching=Batching(
+        max_batch_size=64,
+        max_queue_delay_microseconds=500,
+        max_queue_size=100,
+        preferred_batch_sizes=(8, 16),
+        instance_count=2,
+    ),
     input_name="pixels",
     output_name="scores",
 )
@@ -39,7 +41,7 @@ def test_render_config_matches_triton_schema(config: ServingConfig) -> None:
     parsed = parse_model_config(render_config(config))
     assert parsed.name == config.name
     assert parsed.platform == "onnxruntime_onnx"
-    assert parsed.max_batch_size == config.max_batch_size
+    assert parsed.max_batch_size == config.batching.max_batch_size
 
     assert len(parsed.input) == 1
     (model_input,) = parsed.input
@@ -52,17 +54,17 @@ def test_render_config_matches_triton_schema(config: ServingConfig) -> None:
     (model_output,) = parsed.output
     assert model_output.name == config.output_name
     assert model_output.data_type == model_config_pb2.TYPE_FP32
-    assert list(model_output.dims) == [config.num_classes]
+    assert list(model_output.dims) == [len(config.labels)]
     assert model_output.label_filename == "labels.txt"
 
     assert parsed.HasField("dynamic_batching")
     batching = parsed.dynamic_batching
-    assert batching.max_queue_delay_microseconds == config.max_queue_delay_microseconds
-    assert batching.default_queue_policy.max_queue_size == config.max_queue_size
-    assert list(batching.preferred_batch_size) == list(config.preferred_batch_sizes)
+    assert batching.max_queue_delay_microseconds == config.batching.max_queue_delay_microseconds
+    assert batching.default_queue_policy.max_queue_size == config.batching.max_queue_size
+    assert list(batching.preferred_batch_size) == list(config.batching.preferred_batch_sizes)
 
     assert len(parsed.instance_group) == 1
-    assert parsed.instance_group[0].count == config.instance_count
+    assert parsed.instance_group[0].count == config.batching.instance_count
     assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
 
 
@@ -71,8 +73,8 @@ def test_task_serving_configs_agree_with_tasks() -> None:
     for name, task in TASKS.items():
         assert task.serving.name == name
         assert task.serving.input_dims == task.input_dims
-        assert task.serving.num_classes == len(task.labels)
-        assert task.serving.max_batch_size > 0
+        assert task.serving.labels == task.labels
+        assert task.serving.batching.max_batch_size > 0
 
 
 def test_strict_parse_would_catch_a_typo() -> None:
@@ -88,7 +90,7 @@ def test_write_model_version_installs_four_files(tmp_path: Path) -> None:
     card = {"name": "custom", "onnx": {"sha256": file_sha256(onnx_file)}}
     repository = tmp_path / "models"
 
-    model_dir = write_model_version(repository, CUSTOM, ("a", "b", "c", "d", "e"), onnx_file, card)
+    model_dir = write_model_version(repository, CUSTOM, onnx_file, card)
 
     assert model_dir == repository / "custom"
     files = sorted(path.relative_to(model_dir).as_posix() for path in model_dir.rglob("*") if path.is_file())
@@ -105,7 +107,7 @@ def test_write_model_version_adds_versions_side_by_side(tmp_path: Path) -> None:
     repository = tmp_path / "models"
     for version in (1, 2):
         onnx_file.write_bytes(f"model {version}".encode())
-        write_model_version(repository, CUSTOM, tuple("abcde"), onnx_file, {"version": version}, version=version)
+        write_model_version(repository, CUSTOM, onnx_file, {"version": version}, version=version)
     model_dir = repository / "custom"
     assert (model_dir / "1" / "model.onnx").read_bytes() == b"model 1"
     assert (model_dir / "2" / "model.onnx").read_bytes() == b"model 2"
