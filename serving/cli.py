@@ -1,0 +1,30 @@
+"""``classify-server``: parse settings, set up logging, run the server until a signal drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from serving.logs import configure_logging
+from serving.model_config import ConfigError
+from serving.runtime import DeviceUnavailable
+from serving.server import serve
+from serving.settings import parse_settings
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (DeviceUnavailable, ConfigError) as exc:
+        print(f"classify-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

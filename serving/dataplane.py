@@ -1,0 +1,124 @@
+"""What a request asks of the models, free of any protocol: decode images, batch, run, rank labels.
+
+Both APIs (classify.v1 and KServe v2) call into this module, so they share validation, limits, deadlines,
+statistics and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import InvalidArgument, ServiceError
+from serving.images import ImageLimits, decode_image, raw_image
+from serving.metrics import Metrics
+from serving.model_config import ModelSpec
+from serving.repository import ModelRepository, ModelVersion
+
+__all__ = ["DataPlane", "ImageInput", "LabelScore"]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image from a client: ``encoded`` file bytes, or ``raw`` uint8 HWC pixels with their ``shape``."""
+
+    encoded: bytes | None = None
+    raw: bytes | None = None
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    index: int
+    score: float
+
+
+class DataPlane:
+    """Decodes on a thread pool, queues on the model's batcher, and records each request's outcome."""
+
+    def __init__(
+        self, repository: ModelRepository, metrics: Metrics, decode_executor: Executor, limits: ImageLimits
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.decode_executor = decode_executor
+        self.limits = limits
+
+    @asynccontextmanager
+    async def _served(self, model: str, version: str) -> AsyncIterator[ModelVersion]:
+        """Resolve the model and record the request's status and latency against it."""
+        served = self.repository.get(model, version)
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            yield served
+        except ServiceError as exc:
+            status = exc.status.name
+            raise
+        except BaseException:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.metrics.request(served.name, str(served.version), status, time.perf_counter() - started)
+
+    def _deadline(self, served: ModelVersion, deadline: float | None) -> float | None:
+        default = served.spec.default_timeout
+        if default is None:
+            return deadline
+        own = asyncio.get_running_loop().time() + default
+        return own if deadline is None else min(deadline, own)
+
+    async def _images(self, served: ModelVersion, images: Sequence[ImageInput]) -> np.ndarray:
+        if not images:
+            raise InvalidArgument("the request holds no images; send at least one")
+        spec = served.spec.input
+        loop = asyncio.get_running_loop()
+
+        async def one(index: int, image: ImageInput) -> np.ndarray:
+            try:
+                if image.raw is not None:
+                    return raw_image(image.raw, image.shape, spec)
+                if image.encoded is None:
+                    raise InvalidArgument("neither encoded bytes nor a raw tensor was given")
+                return await loop.run_in_executor(self.decode_executor, decode_image, image.encoded, spec, self.limits)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"image {index}: {exc}") from None
+
+        arrays = await asyncio.gather(*(one(i, image) for i, image in enumerate(images)))
+        return np.stack(arrays)
+
+    async def classify(
+        self, model: str, version: str, images: Sequence[ImageInput], top_k: int, deadline: float | None
+    ) -> tuple[ModelVersion, list[list[LabelScore]]]:
+        """Labels with scores for each image, best first, ``top_k`` of them."""
+        async with self._served(model, version) as served:
+            labels = served.spec.labels
+            if not 1 <= top_k <= len(labels):
+                raise InvalidArgument(f"top_k must be between 1 and {len(labels)} for model {model!r}, got {top_k}")
+            batch = await self._images(served, images)
+            probabilities = await served.batcher.infer(batch, self._deadline(served, deadline))
+            return served, rank(probabilities, labels, top_k)
+
+    async def infer(
+        self, model: str, version: str, tensor_for: Callable[[ModelSpec], np.ndarray], deadline: float | None
+    ) -> tuple[ModelVersion, np.ndarray]:
+        """Probabilities for the uint8 ``[N, H, W, C]`` tensor that ``tensor_for`` checks against the model."""
+        async with self._served(model, version) as served:
+            tensor = tensor_for(served.spec)
+            return served, await served.batcher.infer(tensor, self._deadline(served, deadline))
+
+
+def rank(probabilities: np.ndarray, labels: Sequence[str], top_k: int) -> list[list[LabelScore]]:
+    """The ``top_k`` labels of each row, by descending probability (ties: lower index first)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return [
+        [LabelScore(labels[i], int(i), float(row[i])) for i in indices]
+        for row, indices in zip(probabilities, order, strict=True)
+    ]

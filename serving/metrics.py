@@ -1,0 +1,83 @@
+"""Prometheus metrics, named after Triton's where it has a counterpart, on a registry the caller owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "ModelMetrics"]
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    """Every metric the server exports; ``for_model`` hands out the per-model-version view the batcher feeds."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("model", "version")
+        self.success = Counter("nv_inference_request_success", "Requests that succeeded", labels, registry=registry)
+        self.failure = Counter(
+            "nv_inference_request_failure", "Requests that failed, by gRPC status", (*labels, "reason"),
+            registry=registry,
+        )  # fmt: skip
+        self.inferences = Counter("nv_inference_count", "Images inferred", labels, registry=registry)
+        self.executions = Counter("nv_inference_exec_count", "Model executions (batches)", labels, registry=registry)
+        self.pending = Gauge(
+            "nv_inference_pending_request_count", "Requests queued, not yet running", labels, registry=registry
+        )
+        self.request_latency = Histogram(
+            "classify_request_duration_seconds", "Request latency inside the server, by gRPC status",
+            (*labels, "status"), buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "classify_queue_duration_seconds", "Time a request waited before its first execution", labels,
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.compute_time = Histogram(
+            "classify_compute_infer_duration_seconds", "Time of one model execution", labels,
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "classify_batch_size", "Images per model execution", labels, buckets=_BATCH_BUCKETS, registry=registry
+        )
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
+    def request(self, model: str, version: str, status: str, seconds: float) -> None:
+        """One finished request at the API edge, ``status`` being the gRPC status name (``OK`` on success)."""
+        if status == "OK":
+            self.success.labels(model, version).inc()
+        else:
+            self.failure.labels(model, version, status).inc()
+        self.request_latency.labels(model, version, status).observe(seconds)
+
+
+@dataclass
+class ModelMetrics:
+    """The batcher's observer for one model version (see ``serving.batching.BatchObserver``)."""
+
+    metrics: Metrics
+    model: str
+    version: str
+
+    def __post_init__(self) -> None:
+        m, labels = self.metrics, (self.model, self.version)
+        self._inferences = m.inferences.labels(*labels)
+        self._executions = m.executions.labels(*labels)
+        self._compute = m.compute_time.labels(*labels)
+        self._batch = m.batch_size.labels(*labels)
+        self._queue = m.queue_time.labels(*labels)
+        self.pending = m.pending.labels(*labels)
+
+    def batch_done(self, batch_size: int, compute_ns: int) -> None:
+        self._inferences.inc(batch_size)
+        self._executions.inc()
+        self._compute.observe(compute_ns / 1e9)
+        self._batch.observe(batch_size)
+
+    def request_done(self, images: int, queue_ns: int, total_ns: int, ok: bool) -> None:
+        if ok:
+            self._queue.observe(queue_ns / 1e9)

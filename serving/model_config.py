@@ -1,0 +1,163 @@
+"""Read a model folder's ``config.pbtxt`` and ``labels.txt`` into a typed spec the server can act on.
+
+The text is parsed with our subset of Triton's ModelConfig schema: a field we do not know is logged and
+skipped (the folder still loads in Triton, which knows it), everything we rely on is checked here, so a
+broken folder is reported with its reason at load time instead of failing requests later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from serving.batching import BatchPolicy
+from serving.images import InputSpec, ResizeMode
+from serving.protos.inference import model_config_pb2 as mc
+
+__all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
+
+_log = logging.getLogger(__name__)
+_PLATFORMS = {"onnxruntime_onnx"}
+_BACKENDS = {"onnxruntime"}
+
+
+class ConfigError(ValueError):
+    """A model folder cannot be served; the message says which file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which numbered version folders to serve: the newest ``latest`` ones, ``specific`` ones, or all."""
+
+    latest: int | None = None
+    specific: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.latest is not None:
+            return ordered[-self.latest :]
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        return ordered
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the server needs to know about a model, checked; ``config`` is returned by the ModelConfig RPC."""
+
+    name: str
+    input_name: str
+    input: InputSpec
+    output_name: str
+    labels: tuple[str, ...]
+    max_batch_size: int
+    batching: BatchPolicy
+    default_timeout: float | None  # seconds; the queue policy's default_timeout_microseconds
+    instance_count: int
+    cpu_only: bool  # every instance group asks for KIND_CPU
+    versions: VersionPolicy
+    config: mc.ModelConfig
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    text = path.read_text()
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        if "has no field named" not in str(exc) and "has no value named" not in str(exc):
+            raise ConfigError(f"{path}: {exc}") from None
+        _log.warning("%s: %s; fields this server does not know are ignored", path, exc)
+    try:
+        return text_format.Parse(text, mc.ModelConfig(), allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _input(config: mc.ModelConfig, path: Path) -> tuple[str, InputSpec]:
+    if len(config.input) != 1:
+        raise ConfigError(f"{path}: expected exactly one input (an image), found {len(config.input)}")
+    (tensor,) = config.input
+    if tensor.data_type != mc.TYPE_UINT8:
+        raise ConfigError(f"{path}: input {tensor.name!r} must be TYPE_UINT8 raw pixels")
+    if tensor.format not in (mc.ModelInput.FORMAT_NHWC, mc.ModelInput.FORMAT_NONE) or len(tensor.dims) != 3:
+        raise ConfigError(f"{path}: input {tensor.name!r} must be NHWC with dims [height, width, channels]")
+    height, width, channels = tensor.dims
+    if channels not in (1, 3) or height < 1 or width < 1:
+        raise ConfigError(f"{path}: input dims {list(tensor.dims)}: channels must be 1 or 3, sizes positive")
+    # Small grayscale inputs (digits) are whole images squeezed to size; photos are cropped to keep their aspect.
+    resize = ResizeMode.STRETCH if channels == 1 else ResizeMode.CENTER_CROP
+    return tensor.name, InputSpec(height=height, width=width, channels=channels, resize=resize)
+
+
+def _output_and_labels(config: mc.ModelConfig, model_dir: Path, path: Path) -> tuple[str, tuple[str, ...]]:
+    if len(config.output) != 1:
+        raise ConfigError(f"{path}: expected exactly one output (class probabilities), found {len(config.output)}")
+    (tensor,) = config.output
+    if tensor.data_type != mc.TYPE_FP32 or len(tensor.dims) != 1:
+        raise ConfigError(f"{path}: output {tensor.name!r} must be TYPE_FP32 with dims [classes]")
+    if not tensor.label_filename:
+        raise ConfigError(f"{path}: output {tensor.name!r} needs a label_filename")
+    label_path = model_dir / tensor.label_filename
+    try:
+        labels = tuple(line.strip() for line in label_path.read_text().splitlines() if line.strip())
+    except OSError as exc:
+        raise ConfigError(f"{label_path}: cannot read labels ({exc.strerror})") from None
+    if len(labels) != tensor.dims[0]:
+        raise ConfigError(f"{label_path}: {len(labels)} labels for an output of {tensor.dims[0]} classes")
+    return tensor.name, labels
+
+
+def _versions(config: mc.ModelConfig) -> VersionPolicy:
+    choice = config.version_policy.WhichOneof("policy_choice")
+    if choice == "latest":
+        return VersionPolicy(latest=max(1, config.version_policy.latest.num_versions))
+    if choice == "specific":
+        return VersionPolicy(specific=tuple(config.version_policy.specific.versions))
+    return VersionPolicy()  # "all", and our default: every version folder side by side
+
+
+def load_model_spec(model_dir: Path) -> ModelSpec:
+    """Parse and check ``<model_dir>/config.pbtxt`` and its label file.
+
+    Raises:
+        ConfigError: the folder cannot be served; the message names the file and the problem.
+    """
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing")
+    config = _parse(path)
+    if config.name and config.name != model_dir.name:
+        raise ConfigError(f"{path}: name {config.name!r} differs from its folder {model_dir.name!r}")
+    config.name = model_dir.name
+    if config.platform not in _PLATFORMS and config.backend not in _BACKENDS:
+        raise ConfigError(f"{path}: platform {config.platform!r} is not served; use onnxruntime_onnx")
+    if config.max_batch_size < 1:
+        raise ConfigError(f"{path}: max_batch_size must be at least 1 (images are served in batches)")
+    input_name, input_spec = _input(config, path)
+    output_name, labels = _output_and_labels(config, model_dir, path)
+    dynamic = config.dynamic_batching
+    queue = dynamic.default_queue_policy
+    instance_count = sum(max(1, group.count) for group in config.instance_group) or 1
+    return ModelSpec(
+        name=model_dir.name,
+        input_name=input_name,
+        input=input_spec,
+        output_name=output_name,
+        labels=labels,
+        max_batch_size=config.max_batch_size,
+        batching=BatchPolicy(
+            max_batch_size=config.max_batch_size,
+            max_queue_delay=dynamic.max_queue_delay_microseconds / 1e6,
+            preferred_batch_sizes=tuple(size for size in dynamic.preferred_batch_size if size <= config.max_batch_size),
+            max_queue_size=queue.max_queue_size,
+        ),
+        default_timeout=queue.default_timeout_microseconds / 1e6 or None,
+        instance_count=instance_count,
+        cpu_only=bool(config.instance_group)
+        and all(group.kind == mc.ModelInstanceGroup.KIND_CPU for group in config.instance_group),
+        versions=_versions(config),
+        config=config,
+    )

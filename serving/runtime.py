@@ -1,0 +1,145 @@
+"""ONNX Runtime sessions for one model version: provider choice, one session per instance, bucketed batches.
+
+Batches are padded up to the next power-of-two "bucket" (capped at ``max_batch_size``), so the runtime only
+ever sees a handful of shapes: each is warmed up at load time (no first-request stall, and cuDNN's algorithm
+search runs once per shape), and each is a candidate for a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["Device", "DeviceUnavailable", "ModelRuntime", "ProviderSelector", "TensorInfo", "batch_buckets"]
+
+_log = logging.getLogger(__name__)
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+_ORT_LOG_ERRORS = 3  # ONNX Runtime's default logger: errors only (its warnings are about graph placement)
+_NUMPY_TYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+
+
+class Device(enum.Enum):
+    AUTO = "auto"  # CUDA when its provider loads, else CPU with one warning
+    CUDA = "cuda"  # CUDA or fail fast
+    CPU = "cpu"
+
+
+class DeviceUnavailable(RuntimeError):
+    """``--device cuda`` was asked for and ONNX Runtime's CUDA provider cannot run here."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output as ONNX Runtime declares it; ``-1`` marks the dynamic batch dimension."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself: the shapes a model runs."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return (*sizes, max_batch_size)
+
+
+class ProviderSelector:
+    """Chooses execution providers once per process, so a missing CUDA is reported in one line, once."""
+
+    def __init__(self, device: Device, cuda_options: dict[str, str] | None = None) -> None:
+        self.device = device
+        self.cuda_options = cuda_options or {
+            "cudnn_conv_algo_search": "EXHAUSTIVE",  # affordable: every bucket is warmed up once at load
+            "arena_extend_strategy": "kSameAsRequested",  # grow the arena by what is asked, not by doubling
+            "do_copy_in_default_stream": "1",
+        }
+        self._cuda_failed = device is Device.CPU
+
+    @property
+    def on_cpu(self) -> bool:
+        """True once sessions are opened on the CPU (chosen, or CUDA failed to load)."""
+        return self._cuda_failed
+
+    def session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        """Open ``path`` on CUDA if chosen and working, else on the CPU (``DeviceUnavailable`` for ``cuda``)."""
+        if self._cuda_failed:
+            return ort.InferenceSession(str(path), options, providers=[_CPU])
+        ort.set_default_logger_severity(4)  # ONNX Runtime's own multi-line errors would drown our one line
+        try:
+            session = ort.InferenceSession(str(path), options, providers=[(_CUDA, self.cuda_options), _CPU])
+        finally:
+            ort.set_default_logger_severity(_ORT_LOG_ERRORS)
+        if _CUDA in session.get_providers():
+            return session
+        self._cuda_failed = True
+        reason = "no CUDA GPU, or the CUDA 13 / cuDNN 9 libraries it needs are not installed"
+        if self.device is Device.CUDA:
+            raise DeviceUnavailable(f"--device cuda: ONNX Runtime's CUDA execution provider did not load ({reason})")
+        _log.warning("CUDA execution provider unavailable (%s): serving on the CPU", reason)
+        return session
+
+
+class ModelRuntime:
+    """``instance_count`` sessions of one ONNX file; ``runners[i]`` runs a uint8 batch on session ``i``."""
+
+    def __init__(self, path: Path, instance_count: int, max_batch_size: int, providers: ProviderSelector) -> None:
+        self.path = path
+        self.max_batch_size = max_batch_size
+        self.buckets = batch_buckets(max_batch_size)
+        self.sessions = [
+            providers.session(path, self._options(providers, instance_count)) for _ in range(instance_count)
+        ]
+        first = self.sessions[0]
+        self.providers: list[str] = first.get_providers()
+        (self.input,) = (self._describe(arg) for arg in first.get_inputs())
+        (self.output,) = (self._describe(arg) for arg in first.get_outputs())
+        self.runners = [self._runner(session) for session in self.sessions]
+
+    @staticmethod
+    def _options(providers: ProviderSelector, instance_count: int) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if providers.on_cpu:
+            # Share the cores between instances instead of every session spinning up one thread per core.
+            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // instance_count)
+        return options
+
+    @staticmethod
+    def _describe(arg: Any) -> TensorInfo:
+        if arg.type not in _NUMPY_TYPES:
+            raise ValueError(f"unsupported tensor type {arg.type} for {arg.name}")
+        shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+        return TensorInfo(arg.name, np.dtype(_NUMPY_TYPES[arg.type]), shape)
+
+    def _bucket(self, size: int) -> int:
+        return next(bucket for bucket in self.buckets if bucket >= size)
+
+    def _runner(self, session: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:
+        input_name, output_names = self.input.name, [self.output.name]
+
+        def run(images: np.ndarray) -> np.ndarray:
+            count = len(images)
+            bucket = self._bucket(count)
+            if bucket != count:  # pad with zeros to the bucket's shape; the padding's outputs are dropped
+                padded = np.zeros((bucket, *images.shape[1:]), dtype=images.dtype)
+                padded[:count] = images
+                images = padded
+            output: np.ndarray = session.run(output_names, {input_name: images})[0]
+            return output[:count]
+
+        return run
+
+    def warm_up(self) -> None:
+        """Run every bucket on every instance once, so algorithm search and allocation happen now."""
+        for runner in self.runners:
+            for bucket in self.buckets:
+                runner(np.zeros((bucket, *self.input.shape[1:]), dtype=self.input.dtype))

@@ -1,0 +1,149 @@
+"""Wiring and lifecycle: build the services on one gRPC server, load the models, serve, drain on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from serving.dataplane import DataPlane
+from serving.images import ImageLimits
+from serving.metrics import Metrics
+from serving.protos import DESCRIPTOR_POOL
+from serving.protos.classify.v1 import classify_pb2, classify_pb2_grpc
+from serving.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from serving.repository import ModelRepository
+from serving.runtime import ProviderSelector
+from serving.services.classify import ClassifierService
+from serving.services.inference import InferenceService
+from serving.settings import Settings
+
+__all__ = ["ClassifyServer"]
+
+_log = logging.getLogger(__name__)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVICE_NAMES = (
+    classify_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+class ClassifyServer:
+    """One process's server: every gRPC service on one port, models loaded from the repository."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.repository = ModelRepository(
+            settings.model_repository,
+            ProviderSelector(settings.device),
+            self.metrics,
+            drain_grace=settings.grace_period,
+        )
+        self.decode_executor = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+        limits = ImageLimits(max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.dataplane = DataPlane(self.repository, self.metrics, self.decode_executor, limits)
+        self.health = health.aio.HealthServicer()
+        self._servers: list[grpc.aio.Server] = []
+        self.port = 0  # the bound gRPC port (useful when settings.port is 0)
+        self.health_port = 0
+        self._stopped = asyncio.Event()
+
+    def _options(self) -> list[tuple[str, int]]:
+        size = self.settings.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
+        ]
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+    async def start(self) -> None:
+        """Listen at once (health answers NOT_SERVING and ServerLive true while models load), then load them."""
+        for service in ("", *_SERVICE_NAMES):
+            await self.health.set(service, _NOT_SERVING)
+        server = grpc.aio.server(options=self._options())
+        classify_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.dataplane), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _enable_reflection(server)
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = self._credentials()
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        self._servers.append(server)
+        if self.settings.health_port:
+            probe = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
+            self.health_port = probe.add_insecure_port(f"{self.settings.host}:{self.settings.health_port}")
+            self._servers.append(probe)
+        for each in self._servers:
+            await each.start()
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
+        _log.info("listening on %s:%d (%s)", self.settings.host, self.port, "TLS" if credentials else "plaintext")
+        await self.repository.load_all()
+        if self.repository.ready:
+            for service in ("", *_SERVICE_NAMES):
+                await self.health.set(service, _SERVING)
+            _log.info("ready: %s", ", ".join(self.repository.names()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, stop accepting, let in-flight requests finish within ``grace``, release models."""
+        grace = self.settings.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        await self.repository.close()
+        self.decode_executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection (grpcurl) over our own descriptor pool, which also needs health's and reflection's files."""
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        try:
+            DESCRIPTOR_POOL.FindFileByName(file.name)
+        except KeyError:
+            DESCRIPTOR_POOL.AddSerializedFile(file.serialized_pb)
+    names = (*_SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=DESCRIPTOR_POOL)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain; a second signal exits at once."""
+    server = ClassifyServer(settings)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if stopping:
+            _log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        _log.info("%s: draining (up to %.0f s)", signal.Signals(signum).name, settings.grace_period)
+        stopping.append(loop.create_task(server.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    await server.wait()

@@ -1,0 +1,1 @@
+"""Thin gRPC adapters: convert messages, call the data plane, map errors to status codes in one place."""
