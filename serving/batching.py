@@ -93,21 +93,27 @@ class _Request:
 
 
 _Plan = BatchPlan[_Request]
-_Isolated = list[tuple[np.ndarray | None, int, Exception | None]]
+_Outcome = np.ndarray | Exception  # one part's output rows, or why it failed
 
 
-def _execute(run: RunBatch, plan: _Plan) -> tuple[list[np.ndarray], int]:
-    """In the executor: merge the batch, run it, and split the outputs per part."""
-    inputs = plan.inputs()
-    started = time.perf_counter_ns()
-    outputs = run(inputs)
-    compute_ns = time.perf_counter_ns() - started
-    return plan.split(outputs), compute_ns
+def _execute(run: RunBatch, plan: _Plan) -> tuple[Sequence[_Outcome], list[tuple[int, int]]]:
+    """In the executor: merge the batch, run it, and split the outputs per part; if that fails, run each part alone.
 
-
-def _execute_alone(run: RunBatch, plan: _Plan) -> _Isolated:
-    """In the executor, after a batch failed: run each part on its own, so only the culprits fail."""
-    results: _Isolated = []
+    Returns:
+        Each part's outcome, in part order, and each successful execution's ``(batch_size, compute_ns)``.
+    """
+    try:
+        inputs = plan.inputs()
+        started = time.perf_counter_ns()
+        outputs = run(inputs)
+        compute_ns = time.perf_counter_ns() - started
+        return plan.split(outputs), [(plan.rows, compute_ns)]
+    except Exception as exc:
+        if len(plan.parts) == 1:
+            return [exc], []
+    # Requests are validated before they get here, so this is a safety net: only the culprits fail.
+    outcomes: list[_Outcome] = []
+    executions = []
     for inputs in plan.part_inputs():
         try:
             started = time.perf_counter_ns()
@@ -115,10 +121,12 @@ def _execute_alone(run: RunBatch, plan: _Plan) -> _Isolated:
             compute_ns = time.perf_counter_ns() - started
             if len(outputs) != len(inputs):
                 raise ValueError(f"the model returned {len(outputs)} rows for a batch of {len(inputs)}")
-            results.append((outputs, compute_ns, None))
         except Exception as exc:
-            results.append((None, 0, exc))
-    return results
+            outcomes.append(exc)
+        else:
+            outcomes.append(outputs)
+            executions.append((len(inputs), compute_ns))
+    return outcomes, executions
 
 
 def _call_back(
@@ -163,9 +171,12 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Request]
         self._former: asyncio.Task[None] | None = None
         self._former_idle = False  # waiting for a request with nothing in hand
+        self._soon: _Plan | None = None  # requests that go straight to an instance at the end of this loop iteration
+        self._soon_instance = 0
         self._accepting = False
         self._closing = False
-        self._drained: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None  # resolved when nothing is queued or running
+        self._closed: asyncio.Future[None] | None = None  # resolved when the first close() is over
         self._idle = list(reversed(range(len(self._instances))))  # pop() hands out instance 0 first
         self._running: dict[concurrent.futures.Future[Any], tuple[int, _Plan]] = {}
         self._plan: _Plan = BatchPlan(self._max_batch)  # the batch being formed
@@ -216,18 +227,23 @@ class DynamicBatcher:
             raise InvalidArgument("a request needs at least one image")
         request = _Request(images, deadline, self._loop.create_future())
         self._waiting += 1
+        soon = self._soon
         if (
-            self._former_idle
-            and self._no_delay
-            and self._idle
-            and rows <= self._max_batch
-            and self._queue.empty()
+            self._queue.empty()
             and (deadline is None or deadline > self._loop.time())
+            and (
+                rows <= soon.room
+                if soon is not None
+                else self._former_idle and self._no_delay and self._idle and rows <= self._max_batch
+            )
         ):
-            # Nothing waits and an instance is free: run now, without a trip through the former (latency at low load).
-            plan: _Plan = BatchPlan(self._max_batch)
-            request.taken = plan.add(request, images, 0)
-            self._start(plan)
+            # Nothing waits and an instance is free (delay 0): this request, and those arriving in the same loop
+            # iteration, run at the end of the iteration without a trip through the former (latency at low load).
+            if soon is None:
+                soon = self._soon = BatchPlan(self._max_batch)
+                self._soon_instance = self._idle.pop()
+                self._loop.call_soon(self._run_soon)
+            request.taken = soon.add(request, images, 0)
         else:
             self._queue.put_nowait(request)
             self._queued_rows += rows
@@ -252,11 +268,16 @@ class DynamicBatcher:
     async def close(self, grace: float) -> None:
         """Stop intake, let queued and running work finish for up to ``grace`` seconds, then cancel the rest.
 
-        New calls raise Unavailable at once; callers whose requests are cancelled get Unavailable.
+        New calls raise Unavailable at once; callers whose requests are cancelled get Unavailable. A second call
+        waits for the first.
         """
         self._accepting = False
-        if self._closing or self._former is None:
+        if self._former is None:
             return
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = self._loop.create_future()
         self._closing = True
         self._drained = self._loop.create_future()
         self._check_drained()
@@ -270,6 +291,7 @@ class DynamicBatcher:
             self._former.cancel()
             await asyncio.wait([self._former])
             self._fail_all(_GRACE_PASSED)
+            self._closed.set_result(None)
 
     def _reject(self, rows: int) -> None:
         if self._observer is not None:
@@ -319,7 +341,7 @@ class DynamicBatcher:
                             self._recheck(plan, now)
                         if plan.rows:
                             self._plan = BatchPlan(self._max_batch)
-                            self._start(plan)
+                            self._start(plan, self._idle.pop())
                         continue
                     self._open_rows = -1  # closed: sleep until an instance comes free
                 else:
@@ -372,9 +394,21 @@ class DynamicBatcher:
         if dropped:
             self._fill(plan, now)
 
-    def _start(self, plan: _Plan) -> None:
-        """Run ``plan`` on an idle instance."""
-        instance = self._idle.pop()
+    def _run_soon(self) -> None:
+        plan, self._soon = self._soon, None
+        if plan is None:
+            return  # close() failed its requests
+        for request in [part.request for part in plan.parts if part.request.future.done()]:
+            plan.drop(request)  # its caller went away during this loop iteration
+        if plan.rows:
+            self._start(plan, self._soon_instance)
+        else:
+            self._release(self._soon_instance)
+            if self._closing:
+                self._check_drained()
+
+    def _start(self, plan: _Plan, instance: int) -> None:
+        """Run ``plan`` on ``instance``, an idle one taken off the idle list."""
         started_ns = _now_ns()
         for part in plan.parts:
             request = part.request
@@ -382,26 +416,19 @@ class DynamicBatcher:
                 request.waiting = False
                 self._waiting -= 1
                 request.started_ns = started_ns
-        self._submit(instance, plan, _execute, self._batch_finished)
-
-    def _submit(
-        self,
-        instance: int,
-        plan: _Plan,
-        work: Callable[[RunBatch, _Plan], object],
-        finished: Callable[[concurrent.futures.Future[Any]], None],
-    ) -> None:
         # executor.submit plus one call_soon_threadsafe back, rather than run_in_executor: its asyncio future and
         # done-callback cost an extra loop iteration per batch.
         try:
-            future = self._executor.submit(work, self._instances[instance], plan)
+            future = self._executor.submit(_execute, self._instances[instance], plan)
         except RuntimeError as exc:  # the executor was shut down under us
             self._release(instance)
             for part in plan.parts:
                 self._fail(part.request, Unavailable(f"the model cannot run: {exc}"))
+            if self._closing:
+                self._check_drained()
             return
         self._running[future] = (instance, plan)
-        future.add_done_callback(functools.partial(_call_back, self._loop, finished))
+        future.add_done_callback(functools.partial(_call_back, self._loop, self._batch_finished))
 
     def _on_delay_passed(self) -> None:
         self._timer = None
@@ -425,42 +452,17 @@ class DynamicBatcher:
         if entry is None:
             return  # close() already failed its requests
         instance, plan = entry
-        error = future.exception()
-        if error is None:
-            views, compute_ns = future.result()
-            self._release(instance)
-            for part, outputs in zip(plan.parts, views, strict=True):
-                self._deliver(part, outputs)
-            if self._observer is not None:
-                self._observer.batch_done(plan.rows, compute_ns)
-        elif len(plan.parts) == 1:
-            self._release(instance)
-            self._fail(plan.parts[0].request, error)
-        else:
-            # Requests are validated before they get here, so this is a safety net: find the culprit(s).
-            self._submit(instance, plan, _execute_alone, self._isolated_finished)
-        if self._closing:
-            self._check_drained()
-
-    def _isolated_finished(self, future: concurrent.futures.Future[Any]) -> None:
-        entry = self._running.pop(future, None)
-        if entry is None:
-            return
-        instance, plan = entry
         self._release(instance)
-        error = future.exception()
-        if error is not None:
-            for part in plan.parts:
-                self._fail(part.request, error)
-        else:
-            results: _Isolated = future.result()
-            for part, (outputs, compute_ns, part_error) in zip(plan.parts, results, strict=True):
-                if outputs is None:
-                    self._fail(part.request, part_error or RuntimeError("the model failed"))
-                    continue
-                self._deliver(part, outputs)
-                if self._observer is not None:
-                    self._observer.batch_done(len(outputs), compute_ns)
+        error = future.exception()  # only what _execute does not catch (BaseException)
+        outcomes, executions = future.result() if error is None else ([error] * len(plan.parts), [])
+        for part, outcome in zip(plan.parts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self._fail(part.request, outcome)
+            else:
+                self._deliver(part, outcome)
+        if self._observer is not None:
+            for batch_size, compute_ns in executions:
+                self._observer.batch_done(batch_size, compute_ns)
         if self._closing:
             self._check_drained()
 
@@ -503,6 +505,7 @@ class DynamicBatcher:
             and not self._running
             and self._plan.rows == 0
             and self._carry is None
+            and self._soon is None
             and self._queue.empty()
         ):
             drained.set_result(None)
@@ -516,9 +519,11 @@ class DynamicBatcher:
             for part in plan.parts:
                 self._fail(part.request, Unavailable(message))
         self._running.clear()
-        for part in self._plan.parts:
-            self._fail(part.request, Unavailable(message))
+        for forming in (self._plan, self._soon):
+            for part in forming.parts if forming is not None else ():
+                self._fail(part.request, Unavailable(message))
         self._plan = BatchPlan(self._max_batch)
+        self._soon = None
         if self._carry is not None:
             self._fail(self._carry, Unavailable(message))
             self._carry = None

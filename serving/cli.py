@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from serving.logs import configure_logging
 from serving.model_config import ConfigError
 from serving.runtime import DeviceUnavailable
-from serving.server import serve
+from serving.server import StartupError, serve
 from serving.settings import parse_settings
 
 __all__ = ["main"]
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except (DeviceUnavailable, ConfigError) as exc:
+    except (DeviceUnavailable, ConfigError, StartupError) as exc:
         print(f"classify-server: {exc}", file=sys.stderr)
         return 2
     return 0

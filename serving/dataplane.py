@@ -50,6 +50,29 @@ class DataPlane:
         self.metrics = metrics
         self.decode_executor = decode_executor
         self.limits = limits
+        self._in_flight = 0
+        self._started = 0  # requests ever started: tells a quiet spell from a busy one
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Wait until no request has been in flight or started for ``quiet`` seconds; False on ``timeout``.
+
+        Shutdown waits for this rather than for gRPC's graceful stop, which cancels calls that reached the
+        server but were not yet handed to a handler.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while loop.time() < give_up:
+            try:
+                await asyncio.wait_for(self._idle.wait(), give_up - loop.time())
+            except TimeoutError:
+                return False
+            started = self._started
+            await asyncio.sleep(min(quiet, max(0.0, give_up - loop.time())))
+            if self._idle.is_set() and self._started == started:
+                return True
+        return False
 
     @asynccontextmanager
     async def _served(self, model: str, version: str) -> AsyncIterator[ModelVersion]:
@@ -57,15 +80,24 @@ class DataPlane:
         served = self.repository.get(model, version)
         started = time.perf_counter()
         status = "OK"
+        self._in_flight += 1
+        self._started += 1
+        self._idle.clear()
         try:
             yield served
         except ServiceError as exc:
             status = exc.status.name
             raise
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            status = "CANCELLED"
+            raise
         except BaseException:
             status = "INTERNAL"
             raise
         finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
             self.metrics.request(served.name, str(served.version), status, time.perf_counter() - started)
 
     def _deadline(self, served: ModelVersion, deadline: float | None) -> float | None:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,15 +26,21 @@ from serving.services.classify import ClassifierService
 from serving.services.inference import InferenceService
 from serving.settings import Settings
 
-__all__ = ["ClassifyServer"]
+__all__ = ["ClassifyServer", "StartupError", "serve"]
 
 _log = logging.getLogger(__name__)
+_QUIET_SECONDS = 0.3  # no request in flight or started for this long: the drain is over
+_FLUSH_SECONDS = 1.0  # then the last responses have this long to go out before open streams are cut
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _SERVICE_NAMES = (
     classify_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (a port is taken, a certificate unreadable); the message says which."""
 
 
 class ClassifyServer:
@@ -54,8 +61,10 @@ class ClassifyServer:
         self.dataplane = DataPlane(self.repository, self.metrics, self.decode_executor, limits)
         self.health = health.aio.HealthServicer()
         self._servers: list[grpc.aio.Server] = []
-        self.port = 0  # the bound gRPC port (useful when settings.port is 0)
+        self.port = 0  # the bound ports (useful when settings ask for port 0)
         self.health_port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
         self._stopped = asyncio.Event()
 
     def _options(self) -> list[tuple[str, int]]:
@@ -86,20 +95,29 @@ class ClassifyServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _enable_reflection(server)
-        address = f"{self.settings.host}:{self.settings.port}"
         credentials = self._credentials()
-        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        self.port = _bind(server, self.settings.host, self.settings.port, credentials)
         self._servers.append(server)
         if self.settings.health_port:
             probe = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
-            self.health_port = probe.add_insecure_port(f"{self.settings.host}:{self.settings.health_port}")
+            self.health_port = _bind(probe, self.settings.host, self.settings.health_port, None)
             self._servers.append(probe)
         for each in self._servers:
             await each.start()
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.registry)
-        _log.info("listening on %s:%d (%s)", self.settings.host, self.port, "TLS" if credentials else "plaintext")
+            try:
+                self._metrics_server, _ = start_http_server(
+                    self.settings.metrics_port, addr=self.settings.host, registry=self.registry
+                )
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                                   f"{exc.strerror}") from None  # fmt: skip
+            self.metrics_port = self._metrics_server.server_port
+        _log.info(
+            "listening on %s port %d (%s), metrics port %d, health port %d",
+            self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port, self.health_port,
+        )  # fmt: skip
         await self.repository.load_all()
         if self.repository.ready:
             for service in ("", *_SERVICE_NAMES):
@@ -107,16 +125,36 @@ class ClassifyServer:
             _log.info("ready: %s", ", ".join(self.repository.names()))
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, stop accepting, let in-flight requests finish within ``grace``, release models."""
+        """Report NOT_SERVING, finish in-flight requests within ``grace``, stop listening, release models.
+
+        Requests keep being served until the data plane has been quiet for a moment: clients that have not yet
+        seen NOT_SERVING (or a load balancer still sending) are answered rather than cut off.
+        """
         grace = self.settings.grace_period if grace is None else grace
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        drained = await self.dataplane.wait_quiet(_QUIET_SECONDS, grace)
+        _log.info("in-flight requests %s", "finished" if drained else f"cut off after {grace:.0f} s")
+        # What may remain are idle streams and health watches; give responses a moment to go out, then end them.
+        await asyncio.gather(*(server.stop(_FLUSH_SECONDS) for server in self._servers))
         await self.repository.close()
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        _log.info("stopped after %.2f s", loop.time() - started)
         self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        raise StartupError(f"cannot listen on {address}: is the port in use, or the address not local?") from None
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
@@ -145,5 +183,9 @@ async def serve(settings: Settings) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)
+        raise
     await server.wait()

@@ -20,6 +20,7 @@ __all__ = [
     "infer_response",
     "input_tensor",
     "model_metadata",
+    "requested_outputs",
     "statistics_of",
     "timeout_of",
 ]
@@ -39,7 +40,11 @@ def timeout_of(request: pb.ModelInferRequest) -> float | None:
 
 
 def input_tensor(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
-    """The one uint8 ``[N, H, W, C]`` input, checked against the model (a zero-copy view of raw bytes)."""
+    """The one uint8 ``[N, H, W, C]`` input, checked against the model (a zero-copy view of raw bytes).
+
+    The requested outputs are checked here too, so a request that cannot be answered never runs.
+    """
+    requested_outputs(request, spec)
     expected_dims = [spec.input.height, spec.input.width, spec.input.channels]
     if len(request.inputs) != 1:
         raise InvalidArgument(
@@ -85,14 +90,11 @@ def _bytes_tensor(elements: Sequence[str]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
 
 
-def infer_response(
-    request: pb.ModelInferRequest, served: ModelVersion, probabilities: np.ndarray
-) -> pb.ModelInferResponse:
-    """Every requested output (all, if none are named) in ``raw_output_contents``, in ``outputs`` order."""
-    spec = served.spec
-    response = pb.ModelInferResponse(model_name=spec.name, model_version=str(served.version), id=request.id)
+def requested_outputs(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> list[pb.ModelInferRequest.InferRequestedOutputTensor]:
+    """The outputs to return (all, if none are named), checked before the model runs."""
     requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=spec.output_name)]
-    batch = len(probabilities)
     for output in requested:
         if output.name != spec.output_name:
             raise InvalidArgument(f"unknown output {output.name!r}; model {spec.name!r} has {spec.output_name!r}")
@@ -100,6 +102,19 @@ def infer_response(
             top_k = output.parameters[CLASSIFICATION].int64_param
             if not 1 <= top_k <= len(spec.labels):
                 raise InvalidArgument(f"classification count must be 1..{len(spec.labels)}, got {top_k}")
+    return requested
+
+
+def infer_response(
+    request: pb.ModelInferRequest, served: ModelVersion, probabilities: np.ndarray
+) -> pb.ModelInferResponse:
+    """Every requested output in ``raw_output_contents``, in ``outputs`` order (Triton's rule)."""
+    spec = served.spec
+    response = pb.ModelInferResponse(model_name=spec.name, model_version=str(served.version), id=request.id)
+    batch = len(probabilities)
+    for output in requested_outputs(request, spec):
+        if CLASSIFICATION in output.parameters:
+            top_k = output.parameters[CLASSIFICATION].int64_param
             rows = rank(probabilities, spec.labels, top_k)
             response.outputs.add(name=output.name, datatype="BYTES", shape=[batch, top_k])
             response.raw_output_contents.append(

@@ -197,6 +197,16 @@ async def test_delay_zero_runs_each_lone_request_at_once() -> None:
 
 
 @pytest.mark.asyncio
+async def test_delay_zero_batches_requests_arriving_together() -> None:
+    model = FakeModel()
+
+    async with _batcher(model, policy=BatchPolicy(max_batch_size=2, max_queue_delay=0.0)) as batcher:
+        await asyncio.gather(*(_check(batcher, _images(value)) for value in (1, 2, 3)))
+
+    assert model.batches == [[1, 2], [3]]
+
+
+@pytest.mark.asyncio
 async def test_delay_zero_batches_whatever_waited_for_a_busy_instance() -> None:
     gate = threading.Event()
     model = FakeModel(gate=gate)
@@ -317,6 +327,33 @@ async def test_a_cancelled_caller_is_dropped_and_not_kept() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_caller_cancelled_before_its_batch_starts_frees_the_instance() -> None:
+    model = FakeModel()
+
+    async with _batcher(model, policy=BatchPolicy(max_batch_size=4, max_queue_delay=0.0)) as batcher:
+        abandoned = asyncio.create_task(batcher.infer(_images(1)))
+        await asyncio.sleep(0)  # its request is taken for a batch that starts at the end of this loop iteration
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        await _check(batcher, _images(2))
+
+    assert model.batches == [[2]]
+
+
+@pytest.mark.asyncio
+async def test_a_shut_down_executor_makes_requests_unavailable() -> None:
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = DynamicBatcher([FakeModel()], BatchPolicy(max_batch_size=4, max_queue_delay=0.0), executor)
+    batcher.start()
+    executor.shutdown()
+
+    with pytest.raises(Unavailable, match=r"^the model cannot run: cannot schedule new futures after shutdown$"):
+        await batcher.infer(_images(1))
+    await batcher.close(grace=WAIT)
+
+
+@pytest.mark.asyncio
 async def test_a_poisoned_request_fails_alone_and_its_batch_mates_succeed() -> None:
     gate = threading.Event()
     model = FakeModel(gate=gate, poison=99)
@@ -410,14 +447,15 @@ async def test_close_drains_queued_work_then_rejects_new_work() -> None:
         await _until(model.entered.is_set)
         calls += [asyncio.create_task(_check(batcher, _images(value))) for value in range(1, 5)]
         await _until(lambda: batcher.queue_depth == 4)
-        closing = asyncio.create_task(batcher.close(grace=WAIT))
+        closing = [asyncio.create_task(batcher.close(grace=WAIT)) for _ in range(2)]
         await asyncio.sleep(0)
 
         with pytest.raises(Unavailable, match=r"^shutting down; not accepting new requests$") as raised:
             await batcher.infer(_images(9))
         assert raised.value.status == grpc.StatusCode.UNAVAILABLE
+        assert not any(close.done() for close in closing)  # the second close waits for the first
         gate.set()
-        await asyncio.gather(closing, *calls)
+        await asyncio.gather(*closing, *calls)
         assert batcher.queue_depth == 0
         with pytest.raises(Unavailable, match="shutting down"):
             await batcher.infer(_images(9))
