@@ -10,20 +10,26 @@ from serving.logs import configure_logging
 from serving.model_config import ConfigError
 from serving.runtime import DeviceUnavailable
 from serving.server import StartupError, serve
-from serving.settings import parse_settings
+from serving.settings import Settings, parse_settings
+from serving.workers import run_workers
 
-__all__ = ["main"]
+__all__ = ["main", "run_server"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format)
+def run_server(settings: Settings) -> int:
+    """Serve in this process until drained; 2 with a one-line reason when the server cannot start."""
     try:
         asyncio.run(serve(settings))
     except (DeviceUnavailable, ConfigError, StartupError) as exc:
         print(f"classify-server: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    return run_workers(settings) if settings.workers > 1 else run_server(settings)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ class ModelRepository:
             previous, self._models[name] = model.versions, _Model(versions=versions, state=ModelState.READY)
             for old in previous.values():
                 await old.close(self.drain_grace)
-            _log.info("model %s ready: versions %s", name, sorted(versions))
+            providers = next(iter(versions.values())).runtime.providers
+            _log.info("model %s ready: versions %s on %s", name, sorted(versions), ", ".join(providers))
 
     async def _load_versions(self, name: str) -> dict[int, ModelVersion]:
         model_dir = self.root / name

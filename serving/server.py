@@ -99,7 +99,7 @@ class ClassifyServer:
         self.port = _bind(server, self.settings.host, self.settings.port, credentials)
         self._servers.append(server)
         if self.settings.health_port:
-            probe = grpc.aio.server()
+            probe = grpc.aio.server(options=self._options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
             self.health_port = _bind(probe, self.settings.host, self.settings.health_port, None)
             self._servers.append(probe)

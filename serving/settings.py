@@ -112,4 +112,6 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if settings.workers < 1:
         parser.error("--workers must be at least 1")
+    if settings.workers > 1 and settings.port == 0:
+        parser.error("--workers above 1 needs a fixed --port: the workers share it")
     return settings

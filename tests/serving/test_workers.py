@@ -1,0 +1,75 @@
+"""``--workers N``: several processes share one port, each serves, and SIGTERM stops them all cleanly."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.protos.classify.v1 import classify_pb2 as pb
+from serving.protos.classify.v1 import classify_pb2_grpc
+from tests.serving.conftest import ServerProcess, free_port, write_repository
+
+WORKERS = 2
+CONNECTIONS = 24
+
+
+def _requests_served(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "nv_inference_request_success"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Path) -> None:
+    """One Python process cannot use a big machine; N workers must all take connections on the same port."""
+    repository = write_repository(tmp_path / "models")
+    metrics_base = free_port()
+    port = free_port()
+    server: ServerProcess = start_server(  # type: ignore[operator]
+        "--model-repository", str(repository), "--device", "cpu", "--port", str(port),
+        "--workers", str(WORKERS), "--metrics-port", str(metrics_base),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while server.log.count("serving.server: ready:") < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log.count("serving.server: ready:") == WORKERS, server.log
+
+    request = pb.ClassifyRequest(
+        model="digits", images=[pb.Image(raw=pb.RawImage(data=np.zeros(784, np.uint8).tobytes(), shape=[28, 28, 1]))]
+    )
+    for _ in range(CONNECTIONS):  # separate TCP connections: the kernel spreads connections, not calls
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            classify_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+
+    served = [_requests_served(metrics_base + index) for index in range(WORKERS)]
+    assert sum(served) == CONNECTIONS
+    assert all(count > 0 for count in served), f"requests per worker: {served}"
+
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0, server.log
+    assert server.log.count("stopped after") == WORKERS
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    """With port 0 every worker would listen somewhere else: refuse it up front."""
+    import subprocess
+    import sys
+
+    from tests.serving.conftest import REPO_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "serving", "--workers", "2", "--port", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--workers above 1 needs a fixed --port" in result.stderr
