@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -79,9 +80,9 @@ class ClassifyServer:
         settings = self.settings
         if settings.tls_cert is None or settings.tls_key is None:
             return None
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        client_ca = _read_pem("--tls-client-ca", settings.tls_client_ca) if settings.tls_client_ca else None
         return grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            [(_read_pem("--tls-key", settings.tls_key), _read_pem("--tls-cert", settings.tls_cert))],
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
@@ -149,11 +150,26 @@ class ClassifyServer:
         await self._stopped.wait()
 
 
+def _read_pem(flag: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise StartupError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     address = f"{host}:{port}"
     try:
         return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
+        if credentials is not None:  # gRPC checks the certificate, key and CA only here, and says so only in its log
+            raise StartupError(
+                f"cannot serve TLS on {address}: gRPC refused the certificate setup (--tls-cert must hold the "
+                "chain for --tls-key's private key; --tls-client-ca a PEM CA bundle), or the port is taken"
+            ) from None
         raise StartupError(f"cannot listen on {address}: is the port in use, or the address not local?") from None
 
 
