@@ -12,7 +12,7 @@ from serving.protos.classify.v1 import classify_pb2 as pb
 from serving.protos.classify.v1 import classify_pb2_grpc
 from serving.repository import ModelState
 from serving.services.classify_converters import classification_response, error_response, images_of, model_info
-from serving.services.common import deadline_of, error_of, grpc_errors, pipelined
+from serving.services.common import answer_stream, deadline_of, grpc_errors
 
 __all__ = ["DEFAULT_TOP_K", "ClassifierService"]
 
@@ -40,15 +40,12 @@ class ClassifierService(classify_pb2_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Context
     ) -> AsyncIterator[pb.ClassifyResponse]:
         deadline = deadline_of(context)
-
-        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-            try:
-                return await self._classify(request, deadline)
-            except Exception as exc:  # one failed request is answered with its error; the stream goes on
-                status, message = error_of(exc, "ClassifyStream")
-                return error_response(request, status.name, message)
-
-        async for response in pipelined(request_iterator, answer):
+        async for response in answer_stream(
+            request_iterator,
+            lambda request: self._classify(request, deadline),
+            lambda request, status, message: error_response(request, status.name, message),
+            "ClassifyStream",
+        ):
             yield response
 
     @grpc_errors

@@ -12,7 +12,7 @@ import grpc
 
 from serving.errors import ServiceError
 
-__all__ = ["INTERNAL_MESSAGE", "deadline_of", "error_of", "grpc_errors", "pipelined"]
+__all__ = ["INTERNAL_MESSAGE", "answer_stream", "deadline_of", "error_of", "grpc_errors", "pipelined"]
 
 _log = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error; the server log has the details"
@@ -56,6 +56,25 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     """The client's gRPC deadline on the event loop's clock, if it set one."""
     remaining = context.time_remaining()
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+async def answer_stream(
+    requests: AsyncIterator[_Request],
+    handle: Callable[[_Request], Awaitable[_Response]],
+    on_error: Callable[[_Request, grpc.StatusCode, str], _Response],
+    where: str,
+) -> AsyncIterator[_Response]:
+    """A stream's responses, in request order: a failed request is answered by ``on_error``, the stream goes on."""
+
+    async def answer(request: _Request) -> _Response:
+        try:
+            return await handle(request)
+        except Exception as exc:
+            status, message = error_of(exc, where)
+            return on_error(request, status, message)
+
+    async for response in pipelined(requests, answer):
+        yield response
 
 
 async def pipelined(

@@ -14,7 +14,7 @@ from serving.errors import InvalidArgument, ServiceError
 from serving.model_config import ConfigError
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc
-from serving.services.common import deadline_of, error_of, grpc_errors, pipelined
+from serving.services.common import answer_stream, deadline_of, grpc_errors
 from serving.services.inference_converters import (
     index_response,
     infer_response,
@@ -125,14 +125,15 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
 
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
-            except Exception as exc:  # one failed request is answered with its error; the stream goes on
-                _, message = error_of(exc, "ModelStreamInfer")
-                return pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
-                )
+        async def infer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
 
-        async for response in pipelined(request_iterator, answer):
+        async for response in answer_stream(
+            request_iterator,
+            infer,
+            lambda request, _, message: pb.ModelStreamInferResponse(
+                error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+            ),
+            "ModelStreamInfer",
+        ):
             yield response
