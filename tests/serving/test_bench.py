@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +248,18 @@ def test_kserve_stream_errors_are_counted_without_a_status() -> None:
     assert _kserve_stream_error(failed.SerializeToString()) == ("ERROR", "model queue is full")
     answered = grpc_service_pb2.ModelStreamInferResponse(infer_response=grpc_service_pb2.ModelInferResponse(id="7"))
     assert _kserve_stream_error(answered.SerializeToString()) is None
+
+
+def test_the_installed_classify_script_runs_bench(bench_server: ServerProcess) -> None:
+    """What users type: ``classify bench`` for a few seconds reports non-zero throughput and no errors."""
+    script = Path(sys.executable).with_name("classify")
+    result = subprocess.run(
+        [str(script), "bench", "--server", bench_server.address, "--model", "digits", "--duration", "2",
+         "--warmup", "0.5", "--concurrency", "8", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images_per_s"] > 0
+    assert report["failed"] == 0
+    assert report["errors"] == {}
