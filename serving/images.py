@@ -20,7 +20,14 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import InvalidArgument
 
-__all__ = ["ImageLimits", "InputSpec", "ResizeMode", "decode_image", "raw_image"]
+__all__ = [
+    "ImageLimits",
+    "InputSpec",
+    "ResizeMode",
+    "decode_image",
+    "raw_image",
+    "resize_for",
+]
 
 _FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names of the formats we accept
 _ACCEPTED = "PNG, JPEG, BMP, GIF, WebP or TIFF"
@@ -99,6 +106,12 @@ class InputSpec:
     def shape(self) -> tuple[int, int, int]:
         """``(height, width, channels)``: one image's array shape."""
         return self.height, self.width, self.channels
+
+
+def resize_for(channels: int) -> ResizeMode:
+    """How a model's input is filled: small grayscale inputs (digits) are whole images squeezed to size;
+    photos keep their aspect and are cropped, as the cat/dog model was trained."""
+    return ResizeMode.STRETCH if channels == 1 else ResizeMode.CENTER_CROP
 
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from serving.batching import BatchPolicy
-from serving.images import InputSpec, ResizeMode
+from serving.images import InputSpec, resize_for
 from serving.protos.inference import model_config_pb2 as mc
 
 __all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
@@ -87,9 +87,7 @@ def _input(config: mc.ModelConfig, path: Path) -> tuple[str, InputSpec]:
     height, width, channels = tensor.dims
     if channels not in (1, 3) or height < 1 or width < 1:
         raise ConfigError(f"{path}: input dims {list(tensor.dims)}: channels must be 1 or 3, sizes positive")
-    # Small grayscale inputs (digits) are whole images squeezed to size; photos are cropped to keep their aspect.
-    resize = ResizeMode.STRETCH if channels == 1 else ResizeMode.CENTER_CROP
-    return tensor.name, InputSpec(height=height, width=width, channels=channels, resize=resize)
+    return tensor.name, InputSpec(height=height, width=width, channels=channels, resize=resize_for(channels))
 
 
 def _output_and_labels(config: mc.ModelConfig, model_dir: Path, path: Path) -> tuple[str, tuple[str, ...]]:

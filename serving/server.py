@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from serving.dataplane import DataPlane
 from serving.images import ImageLimits
 from serving.metrics import Metrics
+from serving.pem import PemError, read_pem
 from serving.protos import DESCRIPTOR_POOL
 from serving.protos.classify.v1 import classify_pb2, classify_pb2_grpc
 from serving.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
@@ -80,11 +80,13 @@ class ClassifyServer:
         settings = self.settings
         if settings.tls_cert is None or settings.tls_key is None:
             return None
-        client_ca = _read_pem("--tls-client-ca", settings.tls_client_ca) if settings.tls_client_ca else None
+        try:
+            client_ca = read_pem("--tls-client-ca", settings.tls_client_ca) if settings.tls_client_ca else None
+            key_and_chain = (read_pem("--tls-key", settings.tls_key), read_pem("--tls-cert", settings.tls_cert))
+        except PemError as exc:
+            raise StartupError(str(exc)) from None
         return grpc.ssl_server_credentials(
-            [(_read_pem("--tls-key", settings.tls_key), _read_pem("--tls-cert", settings.tls_cert))],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
+            [key_and_chain], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
 
     async def start(self) -> None:
@@ -148,16 +150,6 @@ class ClassifyServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
-
-
-def _read_pem(flag: str, path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise StartupError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
-    if b"-----BEGIN " not in data:
-        raise StartupError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
-    return data
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import math
 import multiprocessing
@@ -32,8 +31,9 @@ import grpc
 import numpy as np
 
 from serving.client.connection import failure_message, open_channel
+from serving.client.inputs import expand_arguments
 from serving.errors import InvalidArgument
-from serving.images import InputSpec, ResizeMode, decode_image
+from serving.images import InputSpec, decode_image, resize_for
 from serving.protos.classify.v1 import classify_pb2, classify_pb2_grpc
 from serving.protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -45,7 +45,6 @@ _METHODS = {  # (api, stream) -> the RPC's path
     ("kserve", False): "/inference.GRPCInferenceService/ModelInfer",
     ("kserve", True): "/inference.GRPCInferenceService/ModelStreamInfer",
 }
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _SYNTHETIC_IMAGES = 16  # distinct random images when none are given: enough that no two neighbours repeat
 _CONNECT_TIMEOUT = 10.0  # seconds to reach the server when --timeout is not given
 _START_MARGIN_NS = 100_000_000  # the parent's go signal names a start this far ahead, so all workers begin together
@@ -186,9 +185,8 @@ def _read_tls(args: argparse.Namespace) -> _Pems | None:
 
 
 def _input_spec(height: int, width: int, channels: int) -> InputSpec:
-    resize = ResizeMode.STRETCH if channels == 1 else ResizeMode.CENTER_CROP  # as the server's model_config
     try:
-        return InputSpec(height=height, width=width, channels=channels, resize=resize)
+        return InputSpec(height=height, width=width, channels=channels, resize=resize_for(channels))
     except ValueError as exc:
         raise BenchError(f"model input {height}x{width}x{channels}: {exc}") from None
 
@@ -234,34 +232,15 @@ def _classify_target(listing: classify_pb2.ListModelsResponse, model: str, addre
     return _Target(model, _input_spec(info.input.height, info.input.width, info.input.channels), "")
 
 
-def _is_image_file(path: Path, folder: Path) -> bool:
-    """An image file by its suffix, not hidden and not in a hidden folder below ``folder`` (as ``classify PATH``)."""
-    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-    return not hidden and path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file()
-
-
 def _image_files(patterns: Sequence[str]) -> list[Path]:
-    """Files named, found in folders (recursively, by image suffix) or matched by globs, in the given order."""
-    files: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_file():
-            found = [path]
-        elif path.is_dir() or any(char in pattern for char in "*?["):
-            candidates = (
-                [path] if path.is_dir() else [Path(match) for match in sorted(glob.glob(pattern, recursive=True))]
-            )
-            found = []
-            for candidate in candidates:
-                if candidate.is_dir():
-                    found += sorted(f for f in candidate.rglob("*") if _is_image_file(f, candidate))
-                elif candidate.is_file():
-                    found.append(candidate)
-            if not found:
-                raise BenchError(f"{pattern}: no image files found")
-        else:
-            raise BenchError(f"{pattern}: no such file or folder")
-        files += found
+    """Files named, found in folders or matched by globs, in the given order (as ``classify`` expands them)."""
+    files = []
+    for image in expand_arguments(patterns):
+        if image.failure is not None:
+            raise BenchError(f"{image.name}: {image.failure.message}")
+        if image.path is None:
+            raise BenchError("--images -: standard input cannot be replayed; name image files instead")
+        files.append(image.path)
     return files
 
 

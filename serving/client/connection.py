@@ -6,6 +6,8 @@ from pathlib import Path
 
 import grpc
 
+from serving.pem import PemError, read_pem
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "CredentialsError",
@@ -37,16 +39,6 @@ class CredentialsError(ValueError):
     """The TLS flags are incomplete, or name a file that is not a readable PEM file; the message says which."""
 
 
-def _read_pem(flag: str, path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CredentialsError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
-    if b"-----BEGIN " not in data:
-        raise CredentialsError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
-    return data
-
-
 def _credentials(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials | None:
     if (tls_cert is None) != (tls_key is None):
         raise CredentialsError("--tls-cert and --tls-key go together")
@@ -54,11 +46,14 @@ def _credentials(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | Non
         if tls_cert is not None:
             raise CredentialsError("--tls-cert and --tls-key need --tls-ca: TLS is on only when --tls-ca is given")
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem("--tls-ca", tls_ca),
-        private_key=_read_pem("--tls-key", tls_key) if tls_key else None,
-        certificate_chain=_read_pem("--tls-cert", tls_cert) if tls_cert else None,
-    )
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem("--tls-ca", tls_ca),
+            private_key=read_pem("--tls-key", tls_key) if tls_key else None,
+            certificate_chain=read_pem("--tls-cert", tls_cert) if tls_cert else None,
+        )
+    except PemError as exc:
+        raise CredentialsError(str(exc)) from None
 
 
 def open_channel(address: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> grpc.aio.Channel:
