@@ -16,10 +16,10 @@ from serving.workers import run_workers
 __all__ = ["main", "run_server"]
 
 
-def run_server(settings: Settings) -> int:
+def run_server(settings: Settings, engine: str | None = None) -> int:
     """Serve in this process until drained; 2 with a one-line reason when the server cannot start."""
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, engine))
     except (DeviceUnavailable, ConfigError, StartupError) as exc:
         print(f"classify-server: {exc}", file=sys.stderr)
         return 2

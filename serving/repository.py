@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.batching import BatchObserver, DynamicBatcher
+from serving.engine_client import RemoteRuntime
 from serving.errors import NotFound, Unavailable
 from serving.metrics import Metrics
 from serving.model_config import ConfigError, ModelSpec, load_model_spec
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector
 from serving.statistics import ModelStatistics
+
+Runtime = ModelRuntime | RemoteRuntime  # sessions in this process, or in the engine process (--workers N)
 
 __all__ = ["IndexEntry", "ModelRepository", "ModelState", "ModelVersion"]
 
@@ -58,7 +61,7 @@ class ModelVersion:
 
     spec: ModelSpec
     version: int
-    runtime: ModelRuntime
+    runtime: Runtime
     batcher: DynamicBatcher
     executor: ThreadPoolExecutor
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
@@ -70,6 +73,7 @@ class ModelVersion:
     async def close(self, grace: float) -> None:
         await self.batcher.close(grace)
         self.executor.shutdown(wait=False)
+        self.runtime.close()
 
 
 @dataclass
@@ -82,9 +86,18 @@ class _Model:
 class ModelRepository:
     """Every model folder under ``root``; ``get`` is the hot path, everything else happens rarely."""
 
-    def __init__(self, root: Path, providers: ProviderSelector, metrics: Metrics, drain_grace: float = 5.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        providers: ProviderSelector,
+        metrics: Metrics,
+        drain_grace: float = 5.0,
+        engine: str | None = None,
+    ) -> None:
+        """``engine``: the engine process's socket (``--workers N``); the sessions live there, not here."""
         self.root = root
         self.providers = providers
+        self.engine = engine
         self.metrics = metrics
         self.drain_grace = drain_grace
         self._models: dict[str, _Model] = {}
@@ -154,9 +167,14 @@ class ModelRepository:
             loaded[version] = self._serve(spec, version, runtime)
         return loaded
 
-    def _open_runtime(self, spec: ModelSpec, version_dir: Path) -> ModelRuntime:
-        providers = ProviderSelector(Device.CPU) if spec.cpu_only else self.providers
-        runtime = ModelRuntime(version_dir / "model.onnx", spec.instance_count, spec.max_batch_size, providers)
+    def _open_runtime(self, spec: ModelSpec, version_dir: Path) -> Runtime:
+        path = version_dir / "model.onnx"
+        runtime: Runtime
+        if self.engine is not None:
+            runtime = RemoteRuntime(self.engine, path, spec.instance_count, spec.max_batch_size, spec.cpu_only)
+        else:
+            providers = ProviderSelector(Device.CPU) if spec.cpu_only else self.providers
+            runtime = ModelRuntime(path, spec.instance_count, spec.max_batch_size, providers)
         expected = (-1, spec.input.height, spec.input.width, spec.input.channels)
         if runtime.input.name != spec.input_name or runtime.input.shape != expected:
             raise ConfigError(
@@ -171,7 +189,7 @@ class ModelRepository:
         runtime.warm_up()
         return runtime
 
-    def _serve(self, spec: ModelSpec, version: int, runtime: ModelRuntime) -> ModelVersion:
+    def _serve(self, spec: ModelSpec, version: int, runtime: Runtime) -> ModelVersion:
         statistics = ModelStatistics()
         model_metrics = self.metrics.for_model(spec.name, str(version))
         executor = ThreadPoolExecutor(spec.instance_count, thread_name_prefix=f"{spec.name}-{version}")

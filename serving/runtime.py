@@ -89,20 +89,34 @@ class ProviderSelector:
 
 
 class ModelRuntime:
-    """``instance_count`` sessions of one ONNX file; ``runners[i]`` runs a uint8 batch on session ``i``."""
+    """``instance_count`` instances of one ONNX file; ``runners[i]`` runs a uint8 batch on instance ``i``.
+
+    On CUDA each instance holds one session per bucket: ONNX Runtime's CUDA convolutions plan for the last
+    input shape they saw, and re-planning on every change of batch size cost an H100 about 200 ms a batch once
+    batches of mixed sizes arrived. A session that only ever sees one shape plans once, at warm-up. On the CPU
+    one session serves every bucket.
+    """
 
     def __init__(self, path: Path, instance_count: int, max_batch_size: int, providers: ProviderSelector) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
-        self.sessions = [
-            providers.session(path, self._options(providers, instance_count)) for _ in range(instance_count)
-        ]
-        first = self.sessions[0]
+        options = self._options(providers, instance_count)
+        self.instances = [self._bucket_sessions(providers, options) for _ in range(instance_count)]
+        first = self.instances[0][self.buckets[0]]
         self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
-        self.runners = [self._runner(session) for session in self.sessions]
+        self.runners = [self._runner(sessions) for sessions in self.instances]
+
+    def _bucket_sessions(
+        self, providers: ProviderSelector, options: ort.SessionOptions
+    ) -> dict[int, ort.InferenceSession]:
+        first = providers.session(self.path, options)
+        if _CUDA not in first.get_providers():
+            return dict.fromkeys(self.buckets, first)
+        return {bucket: first if bucket == self.buckets[0] else providers.session(self.path, options)
+                for bucket in self.buckets}  # fmt: skip
 
     @staticmethod
     def _options(providers: ProviderSelector, instance_count: int) -> ort.SessionOptions:
@@ -123,7 +137,7 @@ class ModelRuntime:
     def _bucket(self, size: int) -> int:
         return next(bucket for bucket in self.buckets if bucket >= size)
 
-    def _runner(self, session: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:
+    def _runner(self, sessions: dict[int, ort.InferenceSession]) -> Callable[[np.ndarray], np.ndarray]:
         input_name, output_names = self.input.name, [self.output.name]
 
         def run(images: np.ndarray) -> np.ndarray:
@@ -133,10 +147,15 @@ class ModelRuntime:
                 padded = np.zeros((bucket, *images.shape[1:]), dtype=images.dtype)
                 padded[:count] = images
                 images = padded
-            output: np.ndarray = session.run(output_names, {input_name: images})[0]
+            output: np.ndarray = sessions[bucket].run(output_names, {input_name: images})[0]
             return output[:count]
 
         return run
+
+    def close(self) -> None:
+        """Release the sessions (and their GPU memory) now rather than whenever the last reference goes."""
+        self.instances.clear()
+        self.runners.clear()
 
     def warm_up(self) -> None:
         """Run every bucket on every instance once, so algorithm search and allocation happen now."""

@@ -47,7 +47,10 @@ class StartupError(RuntimeError):
 class ClassifyServer:
     """One process's server: every gRPC service on one port, models loaded from the repository."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry | None = None, engine: str | None = None
+    ) -> None:
+        """``engine``: with ``--workers N``, the socket of the process that holds the model sessions."""
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -56,6 +59,7 @@ class ClassifyServer:
             ProviderSelector(settings.device),
             self.metrics,
             drain_grace=settings.grace_period,
+            engine=engine,
         )
         self.decode_executor = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
         limits = ImageLimits(max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
@@ -176,9 +180,9 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     reflection.enable_server_reflection(names, server, pool=DESCRIPTOR_POOL)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, engine: str | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain; a second signal exits at once."""
-    server = ClassifyServer(settings)
+    server = ClassifyServer(settings, engine=engine)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 

@@ -1,0 +1,171 @@
+"""The engine: one process that owns every ONNX Runtime session when ``--workers N`` runs several gRPC processes.
+
+Several processes each with its own CUDA context on one GPU take turns on it in time slices, so a batch of
+small kernels waits for every other process's turn: on an H100, eight digits workers each holding a session
+ran slower together than one alone. So with ``--workers N`` the gRPC workers keep the protocol work and the
+dynamic batching, and send each formed batch here; this process runs it on the one CUDA context.
+
+Wire: one Unix-socket connection per worker-side model instance. The worker names the model (ONNX file,
+instance count, max batch size, which instance) in a length-prefixed JSON message; the engine loads it (once
+for all workers) and answers with its inputs and outputs, or the reason it cannot; the worker then passes
+the file descriptor of a shared memory block sized for one full batch in and out. From then on each batch is
+a 4-byte row count one way and a 4-byte status the other: images and probabilities stay in shared memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo
+
+__all__ = ["FRAME", "OK", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of"]
+
+_log = logging.getLogger(__name__)
+FRAME = struct.Struct("<I")  # a batch's row count (worker -> engine); a status (engine -> worker)
+OK = 0
+FAILED = 1  # followed by a FRAME-sized length and that many bytes of UTF-8 message
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What identifies a loaded runtime: the same file, instances and bucket sizes share one."""
+
+    path: str
+    instance_count: int
+    max_batch_size: int
+    cpu_only: bool
+    modified_ns: int  # a replaced file (a reload) gets new sessions
+
+
+def _tensor_json(info: TensorInfo) -> dict[str, Any]:
+    return {"name": info.name, "dtype": info.dtype.str, "shape": list(info.shape)}
+
+
+def tensor_of(data: dict[str, Any]) -> TensorInfo:
+    return TensorInfo(data["name"], np.dtype(data["dtype"]), tuple(data["shape"]))
+
+
+class _Engine:
+    """Loaded runtimes, shared by every connection that asks for the same key, dropped when the last one leaves."""
+
+    def __init__(self, device: Device) -> None:
+        self.providers = ProviderSelector(device)
+        self.cpu = ProviderSelector(Device.CPU)
+        self.lock = threading.Lock()
+        self.runtimes: dict[ModelKey, tuple[ModelRuntime, int]] = {}
+
+    def acquire(self, key: ModelKey) -> ModelRuntime:
+        with self.lock:  # one load at a time: the first asker loads and warms up, the others reuse
+            runtime, users = self.runtimes.get(key, (None, 0))
+            if runtime is None:
+                providers = self.cpu if key.cpu_only else self.providers
+                runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers)
+                runtime.warm_up()
+                _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))
+            self.runtimes[key] = (runtime, users + 1)
+            return runtime
+
+    def release(self, key: ModelKey) -> None:
+        with self.lock:
+            runtime, users = self.runtimes.pop(key)
+            if users > 1:
+                self.runtimes[key] = (runtime, users - 1)
+
+    def serve(self, connection: socket.socket) -> None:
+        """One worker-side instance: the handshake, then batches until the worker closes the connection."""
+        with connection:
+            hello = receive_json(connection)
+            if hello is None:
+                return
+            key = ModelKey(**hello["model"])
+            try:
+                runtime = self.acquire(key)
+            except DeviceUnavailable as exc:
+                send_json(connection, {"error": str(exc), "device_unavailable": True})
+                return
+            except Exception as exc:  # a model that cannot load: the worker reports it for that model
+                send_json(connection, {"error": f"{type(exc).__name__}: {exc}"})
+                return
+            try:
+                send_json(connection, {"providers": runtime.providers, "input": _tensor_json(runtime.input),
+                                       "output": _tensor_json(runtime.output)})  # fmt: skip
+                _, fds, _, _ = socket.recv_fds(connection, 1, 1)
+                if not fds:
+                    return
+                with mmap.mmap(fds[0], 0) as shared:
+                    os.close(fds[0])
+                    self._run_batches(connection, runtime, hello["instance"], shared)
+            finally:
+                self.release(key)
+
+    @staticmethod
+    def _run_batches(connection: socket.socket, runtime: ModelRuntime, instance: int, shared: mmap.mmap) -> None:
+        run = runtime.runners[instance]
+        image_shape, classes = runtime.input.shape[1:], runtime.output.shape[1]
+        inputs = np.frombuffer(shared, np.uint8, runtime.max_batch_size * int(np.prod(image_shape)))
+        inputs = inputs.reshape(-1, *image_shape)
+        outputs = np.frombuffer(shared, np.float32, runtime.max_batch_size * classes, inputs.nbytes)
+        outputs = outputs.reshape(-1, classes)
+        frame = bytearray(FRAME.size)
+        try:
+            while receive_exactly(connection, frame):
+                (rows,) = FRAME.unpack(frame)
+                try:
+                    outputs[:rows] = run(inputs[:rows])
+                except Exception as exc:  # the worker fails this batch's requests with the reason
+                    reason = f"{type(exc).__name__}: {exc}".encode()
+                    connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)
+                else:
+                    connection.sendall(FRAME.pack(OK))
+        finally:
+            del inputs, outputs  # the views must go before the mmap closes
+
+
+def send_json(connection: socket.socket, message: dict[str, Any]) -> None:
+    data = json.dumps(message).encode()
+    connection.sendall(FRAME.pack(len(data)) + data)
+
+
+def receive_json(connection: socket.socket) -> Any:
+    """The next length-prefixed JSON message; None if the peer closed the connection."""
+    header = bytearray(FRAME.size)
+    if not receive_exactly(connection, header):
+        return None
+    body = bytearray(FRAME.unpack(header)[0])
+    return json.loads(body) if receive_exactly(connection, body) else None
+
+
+def receive_exactly(connection: socket.socket, buffer: bytearray) -> bool:
+    """Fill ``buffer`` from the socket; False if the peer closed the connection first."""
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        count = connection.recv_into(view[got:])
+        if count == 0:
+            return False
+        got += count
+    return True
+
+
+def run_engine(address: str, device: Device) -> None:
+    """Serve worker connections on the Unix socket ``address`` until terminated (the parent does that last)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the workers drain first
+    engine = _Engine(device)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen()
+    _log.info("engine listening on %s", address)
+    while True:
+        connection, _ = listener.accept()
+        threading.Thread(target=engine.serve, args=(connection,), daemon=True, name="engine-connection").start()

@@ -1,0 +1,77 @@
+"""The engine process and a worker's RemoteRuntime: the same answers as local sessions, errors that say why."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.engine import run_engine
+from serving.engine_client import EngineError, RemoteRuntime
+from serving.runtime import Device, ModelRuntime, ProviderSelector
+
+DIGITS = Path("models/digits/1/model.onnx")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[tuple[str, multiprocessing.process.BaseProcess]]:
+    """A real engine process on the CPU, listening on a Unix socket in ``tmp_path``."""
+    address = tmp_path / "engine.sock"
+    process = multiprocessing.get_context("spawn").Process(target=run_engine, args=(str(address), Device.CPU))
+    process.start()
+    deadline = time.monotonic() + 30
+    while not address.exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert address.exists(), "the engine did not start listening"
+    yield str(address), process
+    process.kill()
+    process.join()
+
+
+def test_remote_runtime_matches_local_sessions(engine: tuple[str, object]) -> None:
+    address, _ = engine
+    remote = RemoteRuntime(address, DIGITS, 2, 64, cpu_only=False)
+    local = ModelRuntime(DIGITS, 1, 64, ProviderSelector(Device.CPU))
+    assert remote.providers == ["CPUExecutionProvider"]
+    assert (remote.input, remote.output) == (local.input, local.output)
+    images = np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8)
+    for runner in remote.runners:  # each instance has its own connection and shared memory
+        for rows in (1, 5, 37):
+            np.testing.assert_allclose(runner(images[:rows]), local.runners[0](images[:rows]), atol=1e-6)
+    remote.close()
+
+
+def test_instances_of_one_file_share_the_engine_runtime(engine: tuple[str, object]) -> None:
+    """Eight workers asking for the same model get one set of sessions, not eight."""
+    address, _ = engine
+    first = RemoteRuntime(address, DIGITS, 1, 16, cpu_only=False)
+    second = RemoteRuntime(address, DIGITS, 1, 16, cpu_only=False)
+    images = np.zeros((3, 28, 28, 1), np.uint8)
+    np.testing.assert_array_equal(first.runners[0](images), second.runners[0](images))
+    first.close()
+    assert second.runners[0](images).shape == (3, 10)  # still loaded for the one still using it
+    second.close()
+
+
+def test_a_model_the_engine_cannot_load_is_an_engine_error(engine: tuple[str, object], tmp_path: Path) -> None:
+    address, _ = engine
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(EngineError, match=r"model\.onnx"):
+        RemoteRuntime(address, broken, 1, 8, cpu_only=False)
+
+
+def test_a_vanished_engine_fails_the_batch_with_a_reason(
+    engine: tuple[str, multiprocessing.process.BaseProcess],
+) -> None:
+    address, process = engine
+    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False)
+    process.kill()
+    process.join()
+    with pytest.raises(EngineError, match="the engine process went away"):
+        remote.runners[0](np.zeros((2, 28, 28, 1), np.uint8))
+    remote.close()
