@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from serving.logs import configure_logging
 from serving.model_config import ConfigError
@@ -16,10 +17,20 @@ from serving.workers import run_workers
 __all__ = ["main", "run_server"]
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (a faster loop for the same gRPC work), else on asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def run_server(settings: Settings, engine: str | None = None) -> int:
     """Serve in this process until drained; 2 with a one-line reason when the server cannot start."""
     try:
-        asyncio.run(serve(settings, engine))
+        _run(serve(settings, engine))
     except (DeviceUnavailable, ConfigError, StartupError) as exc:
         print(f"classify-server: {exc}", file=sys.stderr)
         return 2

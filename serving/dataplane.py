@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,31 +73,26 @@ class DataPlane:
                 return True
         return False
 
-    @asynccontextmanager
-    async def _served(self, model: str, version: str) -> AsyncIterator[ModelVersion]:
-        """Resolve the model and record the request's status and latency against it."""
-        served = self.repository.get(model, version)
-        started = time.perf_counter()
-        status = "OK"
+    def _begin(self) -> int:
+        """Count a request in; returns its start time (ns) for the latency ``_end`` records."""
         self._in_flight += 1
         self._started += 1
         self._idle.clear()
-        try:
-            yield served
-        except ServiceError as exc:
-            status = exc.status.name
-            raise
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            status = "CANCELLED"
-            raise
-        except BaseException:
-            status = "INTERNAL"
-            raise
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
-            self.metrics.request(served.name, str(served.version), status, time.perf_counter() - started)
+        return time.perf_counter_ns()
+
+    def _end(self, served: ModelVersion, started_ns: int, error: BaseException | None) -> None:
+        """Count a request out and record its status (the gRPC name; OK, CANCELLED or INTERNAL) and latency."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+        if error is None:
+            status = "OK"
+        elif isinstance(error, ServiceError):
+            status = error.status.name
+        else:  # CancelledError: the client went away or its deadline passed
+            status = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
+        seconds = (time.perf_counter_ns() - started_ns) / 1e9
+        self.metrics.request(served.name, str(served.version), status, seconds)
 
     def _deadline(self, served: ModelVersion, deadline: float | None) -> float | None:
         default = served.spec.default_timeout
@@ -130,21 +124,33 @@ class DataPlane:
         self, model: str, version: str, images: Sequence[ImageInput], top_k: int, deadline: float | None
     ) -> tuple[ModelVersion, list[list[LabelScore]]]:
         """Labels with scores for each image, best first, ``top_k`` of them."""
-        async with self._served(model, version) as served:
+        served = self.repository.get(model, version)
+        started = self._begin()
+        try:
             labels = served.spec.labels
             if not 1 <= top_k <= len(labels):
                 raise InvalidArgument(f"top_k must be between 1 and {len(labels)} for model {model!r}, got {top_k}")
             batch = await self._images(served, images)
             probabilities = await served.batcher.infer(batch, self._deadline(served, deadline))
-            return served, rank(probabilities, labels, top_k)
+        except BaseException as exc:
+            self._end(served, started, exc)
+            raise
+        self._end(served, started, None)
+        return served, rank(probabilities, labels, top_k)
 
     async def infer(
         self, model: str, version: str, tensor_for: Callable[[ModelSpec], np.ndarray], deadline: float | None
     ) -> tuple[ModelVersion, np.ndarray]:
         """Probabilities for the uint8 ``[N, H, W, C]`` tensor that ``tensor_for`` checks against the model."""
-        async with self._served(model, version) as served:
-            tensor = tensor_for(served.spec)
-            return served, await served.batcher.infer(tensor, self._deadline(served, deadline))
+        served = self.repository.get(model, version)
+        started = self._begin()
+        try:
+            probabilities = await served.batcher.infer(tensor_for(served.spec), self._deadline(served, deadline))
+        except BaseException as exc:
+            self._end(served, started, exc)
+            raise
+        self._end(served, started, None)
+        return served, probabilities
 
 
 def rank(probabilities: np.ndarray, labels: Sequence[str], top_k: int) -> list[list[LabelScore]]:

@@ -42,17 +42,20 @@ class Metrics:
         self.batch_size = Histogram(
             "classify_batch_size", "Images per model execution", labels, buckets=_BATCH_BUCKETS, registry=registry
         )
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
 
     def request(self, model: str, version: str, status: str, seconds: float) -> None:
         """One finished request at the API edge, ``status`` being the gRPC status name (``OK`` on success)."""
-        if status == "OK":
-            self.success.labels(model, version).inc()
-        else:
-            self.failure.labels(model, version, status).inc()
-        self.request_latency.labels(model, version, status).observe(seconds)
+        key = (model, version, status)
+        children = self._request_children.get(key)
+        if children is None:  # labels() costs a locked lookup: once per label set, not once per request
+            counter = self.success.labels(model, version) if status == "OK" else self.failure.labels(*key)
+            children = self._request_children[key] = (counter, self.request_latency.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 
@@ -60,7 +61,7 @@ def input_tensor(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
         raise InvalidArgument(
             f"input {tensor.name!r} has shape {shape}; expected [batch >= 1, {', '.join(map(str, expected_dims))}]"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     has_typed = tensor.HasField("contents")
     if request.raw_input_contents:
         if has_typed:

@@ -1,0 +1,157 @@
+"""Cat/dog from JPEG bytes, end to end over classify.v1: the server against its two limits and the baseline.
+
+The photos are the 1,000 validation photos, sent as the JPEG files they are; the server decodes, crops and
+batches them. Two ceilings bound the server:
+- decode: ``serving.images.decode_image`` on every core at once, in-process (what the CPU can prepare);
+- model: in-process ONNX Runtime at the server's precision, from ``benchmarks.ceiling --json``.
+The baseline is the same server with batching off (max batch 1, no delay) and one worker.
+
+    python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
+        --ceiling-json ceiling.json --log-dir /tmp/catdog
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+
+from benchmarks.harness import (
+    SERVER_READY,
+    classify_bench,
+    environment,
+    format_table,
+    free_port,
+    sample_usage,
+    server_command,
+    server_repository,
+    start_server,
+)
+from serving.images import InputSpec, ResizeMode, decode_image
+
+MODEL = "catdog"
+_SPEC = InputSpec(224, 224, 3, ResizeMode.CENTER_CROP)
+
+
+def extract_validation_photos(photos: Path, target: Path) -> Path:
+    """The ``val/{cat,dog}`` JPEG files of the photo zip, unpacked as they are (not re-encoded)."""
+    with zipfile.ZipFile(photos) as archive:
+        for name in archive.namelist():
+            parts = PurePosixPath(name).parts
+            if len(parts) >= 3 and parts[-3] == "val" and name.lower().endswith((".jpg", ".jpeg")):
+                (target / f"{parts[-2]}.{parts[-1]}").write_bytes(archive.read(name))
+    return target
+
+
+def _decode_for(folder: Path, seconds: float) -> int:
+    """Decode the folder's photos in turn for ``seconds``; returns how many were decoded."""
+    photos = [path.read_bytes() for path in sorted(folder.iterdir())]
+    done = 0
+    give_up = time.perf_counter() + seconds
+    while time.perf_counter() < give_up:
+        decode_image(photos[done % len(photos)], _SPEC)
+        done += 1
+    return done
+
+
+def decode_ceiling(folder: Path, processes: int, seconds: float) -> float:
+    """Images/s decoded by ``processes`` processes at once."""
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_decode_for, [folder] * processes, [0.2] * processes))  # start and import everywhere first
+        counts = list(pool.map(_decode_for, [folder] * processes, [seconds] * processes))
+    return sum(counts) / seconds
+
+
+def model_ceiling(path: Path | None) -> float | None:
+    """The best in-process images/s of the server's own runtime for catdog, from ``benchmarks.ceiling``."""
+    if path is None:
+        return None
+    rows = json.loads(path.read_text())
+    rates = [row["images_per_s"] for row in rows if row["model"] == MODEL and row["variant"] == "server"]
+    return max(rates) if rates else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, required=True, help="the cats/dogs photo zip")
+    parser.add_argument("--model-repository", type=Path, default=Path("models"))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["server", "baseline"],
+        help="server (the committed config), baseline (no batching, one worker), or a variant of the server: "
+        "server:i2 (2 instances), server:fp16 (FP16 conversion), server:d0 (no queue delay), combined with ':'",
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--bench-processes", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--ceiling-json", type=Path, help="benchmarks.ceiling --json output, for the model ceiling")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    args = parser.parse_args()
+    args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="catdog-grpc-"))
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"environment": environment(), "workers": args.workers, "log_dir": str(args.log_dir)}))
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        (scratch / "photos").mkdir()
+        photos = extract_validation_photos(args.photos, (scratch / "photos").resolve())
+        cores = os.cpu_count() or 1
+        decode_one, decode_all = decode_ceiling(photos, 1, 3.0), decode_ceiling(photos, cores, 3.0)
+        print(json.dumps({"decode_1_process": decode_one, f"decode_{cores}_processes": decode_all}), flush=True)
+        ceiling = model_ceiling(args.ceiling_json)
+        for name in args.servers:
+            repo = server_repository(args.model_repository, scratch, MODEL, name)
+            workers = 1 if name == "baseline" else args.workers
+            port = free_port()
+            command = server_command(repo, port, args.device, workers)
+            server = start_server(name, command, port, SERVER_READY, workers, args.log_dir)
+            try:
+                for batch in args.batches:
+                    for stream in (False, True):
+                        mode = "stream" if stream else "unary"
+                        bench = ["--api", "classify", "--images", str(photos), "--batch", str(batch)]
+                        bench += ["--concurrency", str(args.concurrency), "--processes", str(args.bench_processes)]
+                        bench += ["--stream"] if stream else []
+                        tag = f"{name.replace(':', '-')}.b{batch}.{mode}"
+                        with sample_usage(server.pids()) as usage:
+                            result = classify_bench(f"127.0.0.1:{port}", MODEL, bench, args.log_dir, tag, args.duration)
+                        result.usage = usage
+                        rows.append({"server": name, "batch": batch, "mode": mode} | asdict(result))
+                        print(json.dumps(rows[-1]), flush=True)
+            finally:
+                server.stop()
+    summary = {"decode_1_process": decode_one, "decode_all_processes": decode_all, "model_ceiling": ceiling}
+    (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
+    table = format_table(
+        ["server", "batch", "mode", "images/s", "p50 ms", "p99 ms", "errors", "srv cores", "box cpu%", "gpu%",
+         "/decode", "/model"],
+        [
+            [row["server"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"], row["p99_ms"],
+             row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
+             row["usage"]["gpu_percent"],  # type: ignore[index]
+             float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
+             float(row["images_per_s"]) / ceiling if ceiling else None]  # type: ignore[arg-type]
+            for row in rows
+        ],
+    )  # fmt: skip
+    header = (
+        f"decode ceiling: {decode_one:,.0f} images/s on 1 process, {decode_all:,.0f} on {cores}; "
+        f"model ceiling: {f'{ceiling:,.0f}' if ceiling else '-'} images/s"
+    )
+    (args.log_dir / "catdog_grpc.txt").write_text(header + "\n" + table + "\n")
+    print(header)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

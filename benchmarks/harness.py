@@ -1,0 +1,324 @@
+"""What every benchmark script shares: start servers, drive load generators, sample CPU and GPU, print tables.
+
+Every load run writes its raw output (perf_analyzer's CSV and log, ``classify bench --json``) under a log
+folder, so each figure in a table can be traced to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from google.protobuf import text_format
+
+from serving.protos.inference import model_config_pb2 as mc
+
+__all__ = [
+    "LoadResult",
+    "Server",
+    "Usage",
+    "classify_bench",
+    "format_table",
+    "free_port",
+    "perf_analyzer",
+    "repository",
+    "sample_usage",
+    "start_server",
+]
+
+_READY_TIMEOUT = 300.0
+
+
+@dataclass
+class Server:
+    """A server process tree started for a benchmark, with the log it writes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def pids(self) -> list[int]:
+        """The parent and every worker: all their CPU time is the server's."""
+        try:
+            parent = psutil.Process(self.process.pid)
+            return [parent.pid, *(child.pid for child in parent.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def repository(
+    source: Path,
+    target: Path,
+    models: Sequence[str],
+    batching: bool = True,
+    instances: int | None = None,
+    delay_us: int | None = None,
+    fp16: bool = False,
+) -> Path:
+    """A model repository at ``target`` serving ``models`` from ``source`` (linked, not copied), with changes.
+
+    ``batching=False`` gives the no-batching baseline: ``max_batch_size: 1`` and no ``dynamic_batching``, so
+    every request runs alone, as soon as it arrives. ``instances`` and ``delay_us`` replace the instance count
+    and the queue delay; ``fp16`` serves an FP16 conversion of each version's file instead.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        folder = target / name
+        folder.mkdir(exist_ok=True)
+        for entry in (source / name).iterdir():
+            if entry.name == "config.pbtxt" or (folder / entry.name).exists():
+                continue
+            if fp16 and entry.name.isdigit():
+                from benchmarks.onnx_variants import to_fp16  # needs onnx, a training dependency
+
+                (folder / entry.name).mkdir()
+                to_fp16(entry / "model.onnx", folder / entry.name / "model.onnx")
+            else:
+                (folder / entry.name).symlink_to(entry.resolve())
+        config = text_format.Parse((source / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        if not batching:
+            config.max_batch_size = 1
+            config.ClearField("dynamic_batching")
+        if instances is not None:
+            config.instance_group[0].count = instances
+        if delay_us is not None:
+            config.dynamic_batching.max_queue_delay_microseconds = delay_us
+        (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return target
+
+
+def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
+    """The repository for a named server: ``baseline`` (batching off), ``server`` (the committed config), or
+    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` FP16."""
+    changes = name.split(":")[1:]
+    return repository(
+        source,
+        scratch / name.replace(":", "-"),
+        [model],
+        batching=name != "baseline",
+        instances=next((int(c[1:]) for c in changes if c.startswith("i")), None),
+        delay_us=next((int(c[1:]) for c in changes if c.startswith("d")), None),
+        fp16="fp16" in changes,
+    )
+
+
+def server_command(repository: Path, port: int, device: str, workers: int) -> list[str]:
+    """``classify-server`` on ``repository``, loopback only, without the metrics port."""
+    return [
+        sys.executable, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", "0", "--device", device, "--workers", str(workers),
+        "--log-level", "info",
+    ]  # fmt: skip
+
+
+SERVER_READY = "serving.server: ready:"
+ECHO_READY = "echo server listening"
+
+
+def echo_command(repository: Path, port: int, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "benchmarks.echo_server", "--model-repository", str(repository),
+        "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_server(name: str, command: Sequence[str], port: int, ready_line: str, count: int, log_dir: Path) -> Server:
+    """Start ``command`` and wait until its log holds ``ready_line`` ``count`` times (once per worker)."""
+    log = log_dir / f"{name.replace(':', '-')}.server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, process, port, log)
+    give_up = time.monotonic() + _READY_TIMEOUT
+    while log.read_text(errors="replace").count(ready_line) < count:
+        if process.poll() is not None or time.monotonic() > give_up:
+            server.stop()
+            raise RuntimeError(f"{name} did not get ready; its log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return server
+
+
+@dataclass
+class Usage:
+    """CPU and GPU use over one load run."""
+
+    server_cores: float = 0.0  # CPU seconds of the server's processes per second of wall time
+    box_percent: float = 0.0  # all cores, busy time, in percent
+    gpu_percent: float | None = None  # nvidia-smi utilization.gpu, mean of its samples; None without a GPU
+
+
+@contextlib.contextmanager
+def sample_usage(pids: Sequence[int]) -> Iterator[Usage]:
+    """Measure ``pids``' CPU time, the whole box's and the GPU's utilisation while the block runs."""
+    usage = Usage()
+    processes = [psutil.Process(pid) for pid in pids]
+    gpu_samples: list[float] = []
+    sampler = _GpuSampler(gpu_samples) if shutil.which("nvidia-smi") else None
+    box_before = psutil.cpu_times()
+    cpu_before = sum(_cpu_seconds(p) for p in processes)
+    started = time.perf_counter()
+    try:
+        yield usage
+    finally:
+        elapsed = time.perf_counter() - started
+        usage.server_cores = (sum(_cpu_seconds(p) for p in processes) - cpu_before) / elapsed
+        box_after = psutil.cpu_times()
+        busy = sum(box_after) - sum(box_before) - (box_after.idle - box_before.idle)
+        usage.box_percent = 100.0 * busy / max(1e-9, sum(box_after) - sum(box_before))
+        if sampler is not None:
+            sampler.stop()
+            usage.gpu_percent = sum(gpu_samples) / len(gpu_samples) if gpu_samples else None
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+class _GpuSampler:
+    """nvidia-smi printing GPU utilisation every 100 ms, read on a thread."""
+
+    def __init__(self, samples: list[float]) -> None:
+        command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, args=(samples,), daemon=True)
+        self.thread.start()
+
+    def _read(self, samples: list[float]) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with contextlib.suppress(ValueError):
+                samples.append(float(line.split(",")[0]))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+        self.thread.join(2)
+
+
+@dataclass
+class LoadResult:
+    """One load run's figures: throughput in images/s, latencies in milliseconds."""
+
+    generator: str
+    images_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int = 0
+    usage: Usage = field(default_factory=Usage)
+    raw: str = ""  # the file holding the generator's own output
+
+
+def perf_analyzer(
+    binary: str, model: str, port: int, concurrency: int, streaming: bool, log_dir: Path, tag: str
+) -> LoadResult:
+    """One concurrency level with Triton's perf_analyzer over the KServe v2 gRPC API (random uint8 input)."""
+    report = log_dir / f"{tag}.perf_analyzer.csv"
+    log = log_dir / f"{tag}.perf_analyzer.log"
+    command = [
+        binary, "-m", model, "-u", f"127.0.0.1:{port}", "-i", "grpc", "--async",
+        f"--concurrency-range={concurrency}:{concurrency}", "--measurement-interval=2000",
+        "--stability-percentage=25", "--max-trials=8", "-f", str(report),
+    ]  # fmt: skip
+    if streaming:
+        command.append("--streaming")
+    with log.open("w") as out:
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False, timeout=180)
+    if not report.exists():
+        raise RuntimeError(f"perf_analyzer wrote no report; its log {log}:\n{log.read_text()[-2000:]}")
+    with report.open() as handle:
+        row = next(csv.DictReader(handle))
+    return LoadResult(
+        generator="perf_analyzer",
+        images_per_s=float(row["Inferences/Second"]),
+        p50_ms=float(row["p50 latency"]) / 1000,
+        p90_ms=float(row["p90 latency"]) / 1000,
+        p99_ms=float(row["p99 latency"]) / 1000,
+        raw=report.name,
+    )
+
+
+def classify_bench(
+    address: str, model: str, arguments: Sequence[str], log_dir: Path, tag: str, duration: float = 5.0
+) -> LoadResult:
+    """One ``classify bench --json`` run (its own multi-process load generator)."""
+    raw = log_dir / f"{tag}.bench.json"
+    command = [
+        sys.executable, "-m", "serving.client.cli", "bench", "--server", address, "--model", model,
+        "--duration", str(duration), "--json", *arguments,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=duration + 120)
+    raw.write_text(done.stdout + done.stderr)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"classify bench failed ({done.returncode}): {done.stderr[-2000:]}")
+    summary: dict[str, Any] = json.loads(done.stdout)
+    return LoadResult(
+        generator="classify bench",
+        images_per_s=summary["images_per_s"],
+        p50_ms=summary["p50_ms"] or 0.0,
+        p90_ms=summary["p90_ms"] or 0.0,
+        p99_ms=summary["p99_ms"] or 0.0,
+        errors=summary["failed"],
+        raw=raw.name,
+    )
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, right-aligned numbers, fit to its widest cell."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    return str(value)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        gpu = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+    return {"cpus": os.cpu_count(), "gpu": gpu, "python": sys.version.split()[0]}
