@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
@@ -72,12 +73,12 @@ def model_ceiling(path: Path | None) -> float | None:
     """The best in-process images/s of the server's own runtime for catdog, from ``benchmarks.ceiling``."""
     if path is None:
         return None
-    rows = json.loads(path.read_text())
+    rows = json.loads(path.read_text())["rows"]
     rates = [row["images_per_s"] for row in rows if row["model"] == MODEL and row["variant"] == "server"]
     return max(rates) if rates else None
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=Path, required=True, help="the cats/dogs photo zip")
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--ceiling-json", type=Path, help="benchmarks.ceiling --json output, for the model ceiling")
     parser.add_argument("--log-dir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="catdog-grpc-"))
     args.log_dir.mkdir(parents=True, exist_ok=True)
     print(json.dumps({"environment": environment(), "workers": args.workers, "log_dir": str(args.log_dir)}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def _table(rows: list[dict[str, object]]) -> str:
     return format_table(headers, lines)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--bench-processes", type=int, default=8)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per classify bench run")
     parser.add_argument("--log-dir", type=Path, default=None, help="raw outputs [default: a new temporary folder]")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="digits-grpc-"))
     args.log_dir.mkdir(parents=True, exist_ok=True)
     print(json.dumps({"environment": environment(), "workers": args.workers, "log_dir": str(args.log_dir)}))

@@ -205,7 +205,8 @@ TASKS: dict[str, Task] = {
         input_dims=(28, 28, 1),
         normalize=(0.1307 * 255, 0.3081 * 255),  # MNIST's pixel mean and standard deviation
         recipe=Recipe(epochs=20, batch_size=256, learning_rate=3e-3, weight_decay=5e-4, label_smoothing=0.05),
-        batching=Batching(max_batch_size=1024, max_queue_delay_microseconds=200, max_queue_size=8192),
+        # No queue delay: under load a batch is whatever queued while the last one ran (benchmarks/BENCHMARKS.md).
+        batching=Batching(max_batch_size=1024, max_queue_delay_microseconds=0, max_queue_size=8192),
         build_net=lambda: DigitNet(DigitNetConfig()),
         load=_load_digits,
         test_split="test",
@@ -226,7 +227,7 @@ TASKS: dict[str, Task] = {
             freeze_batchnorm=True,
             ema_decay=0.99,
         ),
-        batching=Batching(max_batch_size=128, max_queue_delay_microseconds=1000, max_queue_size=1024),
+        batching=Batching(max_batch_size=128, max_queue_delay_microseconds=0, max_queue_size=1024),
         build_net=_pretrained_lite0,
         load=_load_catdog,
         test_split="val",

@@ -1,0 +1,111 @@
+"""The gRPC benchmarks on the CPU: every server they start answers, and every row keeps its raw output and ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+
+from benchmarks import catdog_grpc, digits_grpc
+from benchmarks.harness import ECHO_READY, echo_command, free_port, perf_analyzer, server_repository, start_server
+from serving.protos.inference import model_config_pb2 as mc
+
+PERF_ANALYZER = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+
+
+def _config(repository: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repository / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def _ratio_cells(table: str, server: str, columns: int) -> list[list[str]]:
+    """The last ``columns`` cells of each row (below the header and its rule) that starts with ``server``."""
+    return [line.split()[-columns:] for line in table.splitlines()[2:] if line.split()[:1] == [server]]
+
+
+def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_path: Path) -> None:
+    """``baseline`` turns batching off; ``server:i2:d0:fp16`` sets instances and delay and converts the file."""
+    models = repo_root / "models"
+    committed = _config(models, "digits")
+
+    baseline = _config(server_repository(models, tmp_path, "digits", "baseline"), "digits")
+    assert baseline.max_batch_size == 1
+    assert not baseline.HasField("dynamic_batching")
+
+    variant = server_repository(models, tmp_path, "digits", "server:i2:d0:fp16")
+    config = _config(variant, "digits")
+    assert config.instance_group[0].count == 2
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert config.max_batch_size == committed.max_batch_size
+    weights = {tensor.data_type for tensor in onnx.load(str(variant / "digits/1/model.onnx")).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weights
+
+    served = _config(server_repository(models, tmp_path, "digits", "server"), "digits")
+    assert served == committed, "the plain server runs the committed, tuned config"
+
+
+def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Path, tmp_path: Path) -> None:
+    """Each of the three servers answers unary and streamed load without errors; ratios divide by the same row."""
+    logs = tmp_path / "logs"
+    digits_grpc.main(
+        ["--model-repository", str(repo_root / "models"), "--device", "cpu", "--workers", "1",
+         "--bench-apis", "kserve", "--bench-concurrency", "8", "--bench-processes", "1", "--duration", "1",
+         "--log-dir", str(logs)]
+    )  # fmt: skip
+    rows = json.loads((logs / "digits_grpc.json").read_text())
+    expected = {(server, mode) for server in ("server", "baseline", "echo") for mode in ("unary", "stream")}
+    assert {(row["server"], row["mode"]) for row in rows} == expected
+    assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
+    assert all((logs / row["raw"]).is_file() for row in rows)
+    assert all(row["usage"]["server_cores"] > 0 for row in rows), "the server's CPU time is sampled"
+
+    rates = {(row["server"], row["mode"]): row["images_per_s"] for row in rows}
+    table = (logs / "digits_grpc.txt").read_text()
+    for (to_echo, to_baseline), mode in zip(_ratio_cells(table, "server", 2), ("unary", "stream"), strict=True):
+        assert float(to_echo) == pytest.approx(rates["server", mode] / rates["echo", mode], abs=0.006)
+        assert float(to_baseline) == pytest.approx(rates["server", mode] / rates["baseline", mode], abs=0.006)
+
+
+@pytest.mark.skipif(PERF_ANALYZER is None, reason="Triton's perf_analyzer is not installed (it needs glibc 2.38)")
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_perf_analyzer_drives_the_echo_server(repo_root: Path, tmp_path: Path, streaming: bool) -> None:
+    """perf_analyzer reads the echo server's KServe metadata, sends random input and reports a stable window."""
+    assert PERF_ANALYZER is not None
+    port = free_port()
+    echo = start_server("echo", echo_command(repo_root / "models", port, 1), port, ECHO_READY, 1, tmp_path)
+    try:
+        result = perf_analyzer(PERF_ANALYZER, "digits", port, 4, streaming, tmp_path, "echo")
+    finally:
+        echo.stop()
+    assert result.images_per_s > 0
+    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+    assert (tmp_path / result.raw).is_file()
+
+
+def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Server and baseline classify the photos without errors; /model divides by the ceiling file's best row."""
+    logs = tmp_path / "logs"
+    ceiling = repo_root / "benchmarks/results/ceiling.json"
+    catdog_grpc.main(
+        ["--photos", str(data_dir / "catdog/cats_and_dogs_filtered_s224_q80.zip"),
+         "--model-repository", str(repo_root / "models"), "--device", "cpu", "--workers", "1", "--batches", "2",
+         "--concurrency", "4", "--bench-processes", "1", "--duration", "1", "--ceiling-json", str(ceiling),
+         "--log-dir", str(logs)]
+    )  # fmt: skip
+    document = json.loads((logs / "catdog_grpc.json").read_text())
+    rows = document["rows"]
+    assert {(row["server"], row["mode"]) for row in rows} == {
+        (server, mode) for server in ("server", "baseline") for mode in ("unary", "stream")
+    }
+    assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
+    ceilings = document["ceilings"]
+    assert ceilings["decode_all_processes"] >= ceilings["decode_1_process"] > 0
+    assert ceilings["model_ceiling"] == catdog_grpc.model_ceiling(ceiling)
+    table = (logs / "catdog_grpc.txt").read_text()
+    (to_decode, to_model), _ = _ratio_cells(table, "server", 2)
+    assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceiling"], abs=0.006)
+    assert float(to_decode) == pytest.approx(rows[0]["images_per_s"] / ceilings["decode_all_processes"], abs=0.006)
