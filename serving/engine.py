@@ -3,7 +3,8 @@
 Several processes each with its own CUDA context on one GPU take turns on it in time slices, so a batch of
 small kernels waits for every other process's turn: on an H100, eight digits workers each holding a session
 ran slower together than one alone. So with ``--workers N`` the gRPC workers keep the protocol work and the
-dynamic batching, and send each formed batch here; this process runs it on the one CUDA context.
+dynamic batching, and send each formed batch here; this process runs it on the one CUDA context, joining
+the batches that workers send at the same time into one run (``serving.engine_merge``).
 
 Wire: one Unix-socket connection per worker-side model instance. The worker names the model (ONNX file,
 instance count, max batch size, which instance) in a length-prefixed JSON message; the engine loads it (once
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.engine_merge import BatchMerger
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo
 
 __all__ = ["FRAME", "OK", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of"]
@@ -57,6 +59,15 @@ def tensor_of(data: dict[str, Any]) -> TensorInfo:
     return TensorInfo(data["name"], np.dtype(data["dtype"]), tuple(data["shape"]))
 
 
+@dataclass
+class _Loaded:
+    """A runtime the engine holds, one merger per instance, and how many connections use it."""
+
+    runtime: ModelRuntime
+    mergers: list[BatchMerger]
+    users: int = 0
+
+
 class _Engine:
     """Loaded runtimes, shared by every connection that asks for the same key, dropped when the last one leaves."""
 
@@ -64,24 +75,27 @@ class _Engine:
         self.providers = ProviderSelector(device)
         self.cpu = ProviderSelector(Device.CPU)
         self.lock = threading.Lock()
-        self.runtimes: dict[ModelKey, tuple[ModelRuntime, int]] = {}
+        self.loaded: dict[ModelKey, _Loaded] = {}
 
-    def acquire(self, key: ModelKey) -> ModelRuntime:
+    def acquire(self, key: ModelKey) -> _Loaded:
         with self.lock:  # one load at a time: the first asker loads and warms up, the others reuse
-            runtime, users = self.runtimes.get(key, (None, 0))
-            if runtime is None:
+            loaded = self.loaded.get(key)
+            if loaded is None:
                 providers = self.cpu if key.cpu_only else self.providers
                 runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers)
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))
-            self.runtimes[key] = (runtime, users + 1)
-            return runtime
+                mergers = [BatchMerger(run, key.max_batch_size) for run in runtime.runners]
+                loaded = self.loaded[key] = _Loaded(runtime, mergers)
+            loaded.users += 1
+            return loaded
 
     def release(self, key: ModelKey) -> None:
         with self.lock:
-            runtime, users = self.runtimes.pop(key)
-            if users > 1:
-                self.runtimes[key] = (runtime, users - 1)
+            loaded = self.loaded[key]
+            loaded.users -= 1
+            if loaded.users == 0:
+                del self.loaded[key]
 
     def serve(self, connection: socket.socket) -> None:
         """One worker-side instance: the handshake, then batches until the worker closes the connection."""
@@ -91,7 +105,7 @@ class _Engine:
                 return
             key = ModelKey(**hello["model"])
             try:
-                runtime = self.acquire(key)
+                loaded = self.acquire(key)
             except DeviceUnavailable as exc:
                 send_json(connection, {"error": str(exc), "device_unavailable": True})
                 return
@@ -99,6 +113,7 @@ class _Engine:
                 send_json(connection, {"error": f"{type(exc).__name__}: {exc}"})
                 return
             try:
+                runtime = loaded.runtime
                 send_json(connection, {"providers": runtime.providers, "input": _tensor_json(runtime.input),
                                        "output": _tensor_json(runtime.output)})  # fmt: skip
                 _, fds, _, _ = socket.recv_fds(connection, 1, 1)
@@ -106,13 +121,12 @@ class _Engine:
                     return
                 with mmap.mmap(fds[0], 0) as shared:
                     os.close(fds[0])
-                    self._run_batches(connection, runtime, hello["instance"], shared)
+                    self._run_batches(connection, runtime, loaded.mergers[hello["instance"]], shared)
             finally:
                 self.release(key)
 
     @staticmethod
-    def _run_batches(connection: socket.socket, runtime: ModelRuntime, instance: int, shared: mmap.mmap) -> None:
-        run = runtime.runners[instance]
+    def _run_batches(connection: socket.socket, runtime: ModelRuntime, merger: BatchMerger, shared: mmap.mmap) -> None:
         image_shape, classes = runtime.input.shape[1:], runtime.output.shape[1]
         inputs = np.frombuffer(shared, np.uint8, runtime.max_batch_size * int(np.prod(image_shape)))
         inputs = inputs.reshape(-1, *image_shape)
@@ -123,7 +137,7 @@ class _Engine:
             while receive_exactly(connection, frame):
                 (rows,) = FRAME.unpack(frame)
                 try:
-                    outputs[:rows] = run(inputs[:rows])
+                    merger.run(inputs[:rows], outputs[:rows])
                 except Exception as exc:  # the worker fails this batch's requests with the reason
                     reason = f"{type(exc).__name__}: {exc}".encode()
                     connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)

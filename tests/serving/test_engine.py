@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,23 @@ def test_instances_of_one_file_share_the_engine_runtime(engine: tuple[str, objec
     first.close()
     assert second.runners[0](images).shape == (3, 10)  # still loaded for the one still using it
     second.close()
+
+
+def test_workers_sending_at_once_each_get_their_own_probabilities(engine: tuple[str, object]) -> None:
+    """Eight workers' batches, joined in the engine where they overlap, come back to the worker that sent them."""
+    address, _ = engine
+    workers = [RemoteRuntime(address, DIGITS, 1, 32, cpu_only=False) for _ in range(8)]
+    local = ModelRuntime(DIGITS, 1, 32, ProviderSelector(Device.CPU))
+    rng = np.random.default_rng(1)
+    batches = [[rng.integers(0, 256, (int(rng.integers(1, 9)), 28, 28, 1), np.uint8) for _ in range(20)]
+               for _ in workers]  # fmt: skip
+    with ThreadPoolExecutor(len(workers)) as pool:
+        answers = list(pool.map(lambda w, b: [w.runners[0](images) for images in b], workers, batches))
+    for sent, answered in zip(batches, answers, strict=True):
+        for images, probabilities in zip(sent, answered, strict=True):
+            np.testing.assert_allclose(probabilities, local.runners[0](images), atol=1e-5)
+    for worker in workers:
+        worker.close()
 
 
 def test_a_model_the_engine_cannot_load_is_an_engine_error(engine: tuple[str, object], tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""Joins the batches that several workers send to the engine at the same time into one run.
+
+Each worker batches its own requests, so with eight workers each batch holds about an eighth of the load: on
+an H100 the cat/dog model runs 5,500 images/s in batches of 8 and 8,300 in batches of 128. Here the batches
+that arrive while a run is under way wait for it to end and then go together, up to the model's max batch
+size: the engine's own dynamic batching, with no added delay (a lone batch runs at once, on its own thread).
+
+No thread of its own: the connection thread whose batch arrives first runs it; when that run ends, it hands
+the turn to the oldest waiting batch's thread, which runs everything that waited. A batch that arrives with
+nothing running pays no hand-over at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["BatchMerger"]
+
+
+class _Batch:
+    """One worker's batch: its images, where its probabilities go, and how it ended."""
+
+    def __init__(self, images: np.ndarray, outputs: np.ndarray) -> None:
+        self.images = images
+        self.outputs = outputs
+        self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
+        self.done = False
+        self.error: Exception | None = None
+
+
+class BatchMerger:
+    """One model instance's runs for every connection: concurrent batches go through ``run`` together."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int) -> None:
+        self._run = run
+        self._max_batch_size = max_batch_size
+        self._lock = threading.Lock()
+        self._waiting: deque[_Batch] = deque()
+        self._running = False  # invariant: batches wait only while a run is under way
+        self._joined: np.ndarray | None = None  # reused input buffer for joined batches, made on first use
+
+    def run(self, images: np.ndarray, outputs: np.ndarray) -> None:
+        """Blocking: ``images`` through the model, their probabilities into ``outputs``; raises what the run raised."""
+        batch = _Batch(images, outputs)
+        with self._lock:
+            self._waiting.append(batch)
+            my_turn = not self._running
+            self._running = True
+        while not batch.done:
+            if my_turn:
+                self._take_turn()
+            else:
+                batch.woken.wait()
+                batch.woken.clear()
+                my_turn = not batch.done
+        if batch.error is not None:
+            raise batch.error
+
+    def _take_turn(self) -> None:
+        """Run the waiting batches that fit, oldest first; then wake the next waiting one's thread, if any."""
+        with self._lock:
+            group = [self._waiting.popleft()]
+            rows = len(group[0].images)
+            while self._waiting and rows + len(self._waiting[0].images) <= self._max_batch_size:
+                rows += len(self._waiting[0].images)
+                group.append(self._waiting.popleft())
+        self._run_group(group, rows)
+        with self._lock:
+            if self._waiting:
+                self._waiting[0].woken.set()
+            else:
+                self._running = False
+
+    def _run_group(self, group: list[_Batch], rows: int) -> None:
+        try:
+            if len(group) == 1:
+                group[0].outputs[:rows] = self._run(group[0].images)
+            else:
+                probabilities = self._run(self._join(group, rows))
+                start = 0
+                for batch in group:
+                    batch.outputs[: len(batch.images)] = probabilities[start : start + len(batch.images)]
+                    start += len(batch.images)
+        except Exception as exc:  # every batch in the run fails with the reason; the workers report it
+            for batch in group:
+                batch.error = exc
+        for batch in group:
+            batch.done = True
+            batch.woken.set()
+
+    def _join(self, group: list[_Batch], rows: int) -> np.ndarray:
+        first = group[0].images
+        if self._joined is None:
+            self._joined = np.empty((self._max_batch_size, *first.shape[1:]), first.dtype)
+        return np.concatenate([batch.images for batch in group], out=self._joined[:rows])

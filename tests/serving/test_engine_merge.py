@@ -1,0 +1,140 @@
+"""BatchMerger: batches that arrive while a run is under way go together, in order, within the max batch size."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from serving.engine_merge import BatchMerger
+
+
+class GatedModel:
+    """A model whose first run waits for ``release``, so the test can queue batches behind it; records runs."""
+
+    def __init__(self, fail_when_rows: int | None = None) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.runs: list[int] = []
+        self.fail_when_rows = fail_when_rows
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.started.set()
+        self.release.wait(10)
+        self.runs.append(len(images))
+        if len(images) == self.fail_when_rows:
+            raise ValueError(f"cannot run {len(images)} rows")
+        return images.reshape(len(images), -1).astype(np.float32) * 2
+
+
+def _images(rows: int, value: int) -> np.ndarray:
+    return np.full((rows, 2, 2), value, np.uint8) + np.arange(rows, dtype=np.uint8)[:, None, None]
+
+
+def _submit(merger: BatchMerger, images: np.ndarray, results: dict[int, object]) -> threading.Thread:
+    def send() -> None:
+        outputs = np.zeros((len(images), 4), np.float32)
+        try:
+            merger.run(images, outputs)
+        except ValueError as exc:
+            results[int(images[0, 0, 0])] = exc
+        else:
+            results[int(images[0, 0, 0])] = outputs
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def _waiting_is(merger: BatchMerger, count: int) -> bool:
+    return len(merger._waiting) == count
+
+
+def _queue_behind_a_running_batch(merger: BatchMerger, model: GatedModel, rows: list[int]) -> dict[int, object]:
+    """Start a batch of ``rows[0]`` that blocks in the model, queue the others behind it in order, release."""
+    results: dict[int, object] = {}
+    threads = [_submit(merger, _images(rows[0], 100), results)]
+    assert model.started.wait(10)
+    for index, count in enumerate(rows[1:], start=1):
+        threads.append(_submit(merger, _images(count, 100 + 10 * index), results))
+        _wait_for(partial(_waiting_is, merger, index))  # queued in this order, behind the run
+    model.release.set()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
+    callers: list[str] = []
+
+    def model(images: np.ndarray) -> np.ndarray:
+        callers.append(threading.current_thread().name)
+        return images.reshape(len(images), -1).astype(np.float32)
+
+    merger = BatchMerger(model, 8)
+    outputs = np.zeros((3, 4), np.float32)
+    merger.run(_images(3, 7), outputs)
+    np.testing.assert_array_equal(outputs, _images(3, 7).reshape(3, -1))
+    assert callers == [threading.current_thread().name]
+
+
+def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows() -> None:
+    model = GatedModel()
+    results = _queue_behind_a_running_batch(BatchMerger(model, 16), model, [2, 3, 4])
+    assert model.runs == [2, 7], "the two waiting batches ran as one batch of 3 + 4"
+    for first, rows in ((100, 2), (110, 3), (120, 4)):
+        np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1) * 2)
+
+
+def test_a_joined_run_never_exceeds_the_max_batch_size() -> None:
+    model = GatedModel()
+    results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
+    assert model.runs == [2, 5, 7], "5 + 4 would pass 8: the 4 waits for the next run, with the 3"
+    assert all(isinstance(output, np.ndarray) for output in results.values())
+
+
+def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None:
+    model = GatedModel(fail_when_rows=7)
+    merger = BatchMerger(model, 16)
+    results = _queue_behind_a_running_batch(merger, model, [2, 3, 4])
+    assert isinstance(results[100], np.ndarray)
+    for first in (110, 120):
+        error = results[first]
+        assert isinstance(error, ValueError)
+        assert str(error) == "cannot run 7 rows"
+    outputs = np.zeros((1, 4), np.float32)
+    merger.run(_images(1, 9), outputs)
+    np.testing.assert_array_equal(outputs, _images(1, 9).reshape(1, -1) * 2)
+
+
+def test_many_threads_at_once_each_get_their_own_answer() -> None:
+    """No batch is lost, answered twice or given another's rows when every thread sends at once, many times."""
+    merger = BatchMerger(lambda images: images.reshape(len(images), -1).astype(np.float32), 64)
+    failures: list[str] = []
+
+    def send(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            images = rng.integers(0, 256, (int(rng.integers(1, 9)), 2, 2), dtype=np.uint8)
+            outputs = np.zeros((len(images), 4), np.float32)
+            merger.run(images, outputs)
+            if not np.array_equal(outputs, images.reshape(len(images), -1)):
+                failures.append(f"thread {seed}")
+
+    workers = [threading.Thread(target=send, args=(seed,)) for seed in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not any(worker.is_alive() for worker in workers), "a batch was never answered"
+    assert failures == []
