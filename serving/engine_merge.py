@@ -29,7 +29,7 @@ class _Batch:
         self.outputs = outputs
         self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
         self.done = False
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
 
 class BatchMerger:
@@ -68,7 +68,7 @@ class BatchMerger:
             while self._waiting and rows + len(self._waiting[0].images) <= self._max_batch_size:
                 rows += len(self._waiting[0].images)
                 group.append(self._waiting.popleft())
-        self._run_group(group, rows)
+        self._run_group(group, rows)  # never raises: a failure is each batch's error
         with self._lock:
             if self._waiting:
                 self._waiting[0].woken.set()
@@ -85,7 +85,7 @@ class BatchMerger:
                 for batch in group:
                     batch.outputs[: len(batch.images)] = probabilities[start : start + len(batch.images)]
                     start += len(batch.images)
-        except Exception as exc:  # every batch in the run fails with the reason; the workers report it
+        except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
             for batch in group:
                 batch.error = exc
         for batch in group:
