@@ -94,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--bench-processes", type=int, default=4)
+    parser.add_argument(
+        "--bench-channels",
+        type=int,
+        default=4,
+        help="connections per load process (workers share the port by connection: too few leave some idle)",
+    )
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--ceiling-json", type=Path, help="benchmarks.ceiling --json output, for the model ceiling")
     parser.add_argument("--log-dir", type=Path, default=None)
@@ -122,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         mode = "stream" if stream else "unary"
                         bench = ["--api", "classify", "--images", str(photos), "--batch", str(batch)]
                         bench += ["--concurrency", str(args.concurrency), "--processes", str(args.bench_processes)]
+                        bench += ["--channels", str(args.bench_channels)]
                         bench += ["--stream"] if stream else []
                         tag = f"{name.replace(':', '-')}.b{batch}.{mode}"
                         with sample_usage(server.pids()) as usage:

@@ -77,7 +77,8 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
         for api in args.bench_apis:
             tag = f"{server.name.replace(':', '-')}.{api}.{mode}"
             bench_args = ["--api", api, "--concurrency", str(args.bench_concurrency)]
-            bench_args += ["--processes", str(args.bench_processes), *(["--stream"] if _MODES[mode] else [])]
+            bench_args += ["--processes", str(args.bench_processes), "--channels", str(args.bench_channels)]
+            bench_args += ["--stream"] if _MODES[mode] else []
             with sample_usage(server.pids()) as usage:
                 result = classify_bench(f"127.0.0.1:{server.port}", MODEL, bench_args, args.log_dir, tag, args.duration)
             result.usage = usage
@@ -125,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bench-apis", nargs="*", default=["kserve", "classify"], choices=["kserve", "classify"])
     parser.add_argument("--bench-concurrency", type=int, default=256)
     parser.add_argument("--bench-processes", type=int, default=8)
+    parser.add_argument(
+        "--bench-channels",
+        type=int,
+        default=2,
+        help="connections per load process (workers share the port by connection: too few leave some idle)",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per classify bench run")
     parser.add_argument("--log-dir", type=Path, default=None, help="raw outputs [default: a new temporary folder]")
     args = parser.parse_args(argv)

@@ -1,9 +1,12 @@
-"""Where a server worker's time goes under load: py-spy samples of one worker while perf_analyzer drives digits.
+"""Where the server's time goes under load: py-spy samples of one worker and of the engine at the same time.
 
-Writes py-spy's raw collapsed stacks (for a flame graph) and prints the functions with the most samples,
-self and inclusive, next to the CPU and GPU use measured over the same seconds.
+Digits: perf_analyzer drives single-image KServe requests. Cat/dog: ``classify bench`` sends the validation
+JPEGs, ``--batch`` per request. Writes py-spy's raw collapsed stacks per process (for a flame graph) and
+prints the lines with the most samples, self and inclusive, next to the CPU and GPU use measured over the
+same seconds and each profiled process's own CPU use.
 
     python -m benchmarks.profile_server --perf-analyzer perf_analyzer --workers 8 --concurrency 512 --streaming
+    python -m benchmarks.profile_server --model catdog --photos cats_and_dogs.zip --workers 8 --concurrency 128
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import psutil
 
+from benchmarks.catdog_grpc import extract_validation_photos
 from benchmarks.harness import (
     SERVER_READY,
+    Server,
     free_port,
     repository,
     sample_usage,
@@ -28,7 +36,7 @@ from benchmarks.harness import (
     start_server,
 )
 
-MODEL = "digits"
+_WORKERS_STARTED = re.compile(r"pids \[([\d, ]+)\]; engine pid (\d+)")
 
 
 def summarise(collapsed: Path, top: int) -> str:
@@ -51,55 +59,107 @@ def summarise(collapsed: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def profiled_processes(server: Server) -> dict[str, int]:
+    """The first worker and the engine, from the server's log line; a lone server process is the worker."""
+    found = _WORKERS_STARTED.search(server.log.read_text(errors="replace"))
+    if found is None:
+        return {"worker": server.process.pid}
+    return {"worker": int(found[1].split(",")[0]), "engine": int(found[2])}
+
+
+def load_command(args: argparse.Namespace, port: int, photos: Path | None) -> list[str]:
+    """The load generator, running long enough to cover the warm-up and the sampled seconds."""
+    seconds = args.seconds + 6
+    if args.model == "digits":
+        return [
+            args.perf_analyzer, "-m", "digits", "-u", f"127.0.0.1:{port}", "-i", "grpc", "--async",
+            f"--concurrency-range={args.concurrency}:{args.concurrency}",
+            f"--measurement-interval={int(seconds * 1000 - 2000)}", "--max-trials=1",
+            *(["--streaming"] if args.streaming else []),
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "serving.client.cli", "bench", "--server", f"127.0.0.1:{port}", "--model", "catdog",
+        "--api", "classify", "--images", str(photos), "--batch", str(args.batch), "--concurrency",
+        str(args.concurrency), "--processes", str(args.bench_processes), "--channels", str(args.bench_channels),
+        "--duration", str(seconds), "--json",
+        *(["--stream"] if args.streaming else []),
+    ]  # fmt: skip
+
+
+def record(py_spy: str, pid: int, seconds: float, collapsed: Path) -> subprocess.Popen[bytes]:
+    spy = [
+        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
+        "--output", str(collapsed), "--nonblocking", "--threads",
+    ]  # fmt: skip
+    return subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perf-analyzer", required=True, metavar="PATH")
+    parser.add_argument("--model", default="digits", choices=["digits", "catdog"])
+    parser.add_argument("--perf-analyzer", metavar="PATH", help="perf_analyzer binary (digits)")
+    parser.add_argument("--photos", type=Path, help="the cats/dogs photo zip (catdog)")
     parser.add_argument("--py-spy", default="py-spy", metavar="PATH")
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="images per request (catdog)")
+    parser.add_argument("--bench-processes", type=int, default=4, help="classify bench processes (catdog)")
+    parser.add_argument("--bench-channels", type=int, default=4, help="connections per bench process (catdog)")
     parser.add_argument("--streaming", action="store_true")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--log-dir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if (args.model == "digits") != (args.perf_analyzer is not None) or (args.model == "catdog") != bool(args.photos):
+        parser.error("digits is driven by --perf-analyzer, catdog by classify bench over --photos")
     log_dir: Path = args.log_dir or Path(tempfile.mkdtemp(prefix="profile-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    mode = "stream" if args.streaming else "unary"
+    tag = f"{args.model}.{'stream' if args.streaming else 'unary'}"
     with tempfile.TemporaryDirectory() as scratch:
-        repo = repository(args.model_repository, Path(scratch), [MODEL])
+        photos = None
+        if args.photos:
+            (Path(scratch) / "photos").mkdir()
+            photos = extract_validation_photos(args.photos, Path(scratch) / "photos")
+        repo = repository(args.model_repository, Path(scratch) / "models", [args.model])
         port = free_port()
         command = server_command(repo, port, args.device, args.workers)
-        server = start_server(f"profile.{mode}", command, port, SERVER_READY, args.workers, log_dir)
+        server = start_server(f"profile.{tag}", command, port, SERVER_READY, args.workers, log_dir)
         try:
-            load = [
-                args.perf_analyzer, "-m", MODEL, "-u", f"127.0.0.1:{port}", "-i", "grpc", "--async",
-                f"--concurrency-range={args.concurrency}:{args.concurrency}",
-                f"--measurement-interval={int(args.seconds * 1000 + 4000)}", "--max-trials=1",
-                *(["--streaming"] if args.streaming else []),
-            ]  # fmt: skip
-            with (log_dir / f"profile.{mode}.perf_analyzer.log").open("w") as out:
-                generator = subprocess.Popen(load, stdout=out, stderr=subprocess.STDOUT)
+            with (log_dir / f"profile.{tag}.load.log").open("w") as out:
+                generator = subprocess.Popen(load_command(args, port, photos), stdout=out, stderr=subprocess.STDOUT)
                 time.sleep(3)  # connected and at full load
-                pids = server.pids()
-                worker = pids[-1]  # with --workers, a child; else the server itself
-                collapsed = log_dir / f"profile.{mode}.collapsed.txt"
-                spy = [
-                    args.py_spy, "record", "--pid", str(worker), "--duration", str(int(args.seconds)),
-                    "--rate", "250", "--format", "raw", "--output", str(collapsed), "--nonblocking", "--threads",
-                ]  # fmt: skip
-                with sample_usage(pids) as usage:
-                    subprocess.run(spy, check=True, capture_output=True)
+                targets = profiled_processes(server)
+                collapsed = {name: log_dir / f"profile.{tag}.{name}.collapsed.txt" for name in targets}
+                with sample_usage(server.pids()) as usage:
+                    cpu_before = {name: _cpu_seconds(pid) for name, pid in targets.items()}
+                    started = time.perf_counter()
+                    spies = {
+                        name: record(args.py_spy, pid, args.seconds, collapsed[name]) for name, pid in targets.items()
+                    }
+                    for name, spy in spies.items():
+                        _, errors = spy.communicate()
+                        if spy.returncode != 0:
+                            raise RuntimeError(f"py-spy on the {name} failed: {errors.decode()[-2000:]}")
+                    elapsed = time.perf_counter() - started
+                    cores = {name: (_cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in targets.items()}
                 generator.wait(120)
-            worker_cpu = psutil.Process(worker).cpu_percent(0.5) if psutil.pid_exists(worker) else None
         finally:
             server.stop()
-    summary = summarise(collapsed, args.top)
-    header = json.dumps({"mode": mode, "workers": args.workers, "usage": asdict(usage), "worker_cpu": worker_cpu})
-    (log_dir / f"profile.{mode}.summary.txt").write_text(header + "\n" + summary + "\n")
-    print(header)
-    print(summary)
+    header = json.dumps(
+        {"model": args.model, "tag": tag, "workers": args.workers, "usage": asdict(usage), "cores": cores}
+    )
+    report = [header] + [
+        f"== {name} (pid {targets[name]}) ==\n{summarise(path, args.top)}" for name, path in collapsed.items()
+    ]
+    (log_dir / f"profile.{tag}.summary.txt").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class _Engine:
                 runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers)
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))
-                mergers = [BatchMerger(run, key.max_batch_size) for run in runtime.runners]
+                mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]
                 loaded = self.loaded[key] = _Loaded(runtime, mergers)
             loaded.users += 1
             return loaded
@@ -137,7 +137,7 @@ class _Engine:
             while receive_exactly(connection, frame):
                 (rows,) = FRAME.unpack(frame)
                 try:
-                    merger.run(inputs[:rows], outputs[:rows])
+                    merger.run(inputs, rows, outputs[:rows])
                 except Exception as exc:  # the worker fails this batch's requests with the reason
                     reason = f"{type(exc).__name__}: {exc}".encode()
                     connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)

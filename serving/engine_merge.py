@@ -14,18 +14,26 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["BatchMerger"]
+__all__ = ["BatchMerger", "RowRunner"]
+
+
+class RowRunner(Protocol):
+    """What the merger runs batches on: ``serving.runtime.BucketRunner``."""
+
+    def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        """The first ``count`` rows of ``buffer`` through the model; may read past them, up to the padded size."""
 
 
 class _Batch:
-    """One worker's batch: its images, where its probabilities go, and how it ended."""
+    """One worker's batch: the buffer holding its images, how many, where its probabilities go, how it ended."""
 
-    def __init__(self, images: np.ndarray, outputs: np.ndarray) -> None:
-        self.images = images
+    def __init__(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> None:
+        self.buffer = buffer
+        self.rows = rows
         self.outputs = outputs
         self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
         self.done = False
@@ -35,17 +43,19 @@ class _Batch:
 class BatchMerger:
     """One model instance's runs for every connection: concurrent batches go through ``run`` together."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int) -> None:
-        self._run = run
+    def __init__(self, runner: RowRunner, max_batch_size: int) -> None:
+        self._runner = runner
         self._max_batch_size = max_batch_size
         self._lock = threading.Lock()
         self._waiting: deque[_Batch] = deque()
         self._running = False  # invariant: batches wait only while a run is under way
         self._joined: np.ndarray | None = None  # reused input buffer for joined batches, made on first use
 
-    def run(self, images: np.ndarray, outputs: np.ndarray) -> None:
-        """Blocking: ``images`` through the model, their probabilities into ``outputs``; raises what the run raised."""
-        batch = _Batch(images, outputs)
+    def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> None:
+        """Blocking: the first ``rows`` images of ``buffer`` through the model, their probabilities into
+        ``outputs``; raises what the run raised. A batch that runs alone is read in place, so ``buffer`` must
+        hold the padded size (the engine's shared memory holds a full batch)."""
+        batch = _Batch(buffer, rows, outputs)
         with self._lock:
             self._waiting.append(batch)
             my_turn = not self._running
@@ -64,9 +74,9 @@ class BatchMerger:
         """Run the waiting batches that fit, oldest first; then wake the next waiting one's thread, if any."""
         with self._lock:
             group = [self._waiting.popleft()]
-            rows = len(group[0].images)
-            while self._waiting and rows + len(self._waiting[0].images) <= self._max_batch_size:
-                rows += len(self._waiting[0].images)
+            rows = group[0].rows
+            while self._waiting and rows + self._waiting[0].rows <= self._max_batch_size:
+                rows += self._waiting[0].rows
                 group.append(self._waiting.popleft())
         self._run_group(group, rows)  # never raises: a failure is each batch's error
         with self._lock:
@@ -78,13 +88,13 @@ class BatchMerger:
     def _run_group(self, group: list[_Batch], rows: int) -> None:
         try:
             if len(group) == 1:
-                group[0].outputs[:rows] = self._run(group[0].images)
+                group[0].outputs[:rows] = self._runner.run_rows(group[0].buffer, rows)
             else:
-                probabilities = self._run(self._join(group, rows))
+                probabilities = self._runner.run_rows(self._join(group, rows), rows)
                 start = 0
                 for batch in group:
-                    batch.outputs[: len(batch.images)] = probabilities[start : start + len(batch.images)]
-                    start += len(batch.images)
+                    batch.outputs[: batch.rows] = probabilities[start : start + batch.rows]
+                    start += batch.rows
         except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
             for batch in group:
                 batch.error = exc
@@ -93,7 +103,9 @@ class BatchMerger:
             batch.woken.set()
 
     def _join(self, group: list[_Batch], rows: int) -> np.ndarray:
-        first = group[0].images
+        """The group's images, one after another, in a buffer that holds the padded size: one copy each."""
+        first = group[0].buffer
         if self._joined is None:
             self._joined = np.empty((self._max_batch_size, *first.shape[1:]), first.dtype)
-        return np.concatenate([batch.images for batch in group], out=self._joined[:rows])
+        np.concatenate([batch.buffer[: batch.rows] for batch in group], out=self._joined[:rows])
+        return self._joined

@@ -1,7 +1,7 @@
 """ONNX Runtime sessions for one model version: provider choice, one session per instance, bucketed batches.
 
-Batches are padded up to the next power-of-two "bucket" (capped at ``max_batch_size``), so the runtime only
-ever sees a handful of shapes: each is warmed up at load time (no first-request stall, and cuDNN's algorithm
+On CUDA, batches are padded up to the next power-of-two "bucket" (capped at ``max_batch_size``), so a session
+only ever sees a handful of shapes: each is warmed up at load time (no first-request stall, and cuDNN's algorithm
 search runs once per shape), and each is a candidate for a captured CUDA graph.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["Device", "DeviceUnavailable", "ModelRuntime", "ProviderSelector", "TensorInfo", "batch_buckets"]
+__all__ = [
+    "BucketRunner",
+    "Device",
+    "DeviceUnavailable",
+    "ModelRuntime",
+    "ProviderSelector",
+    "TensorInfo",
+    "batch_buckets",
+]
 
 _log = logging.getLogger(__name__)
 _CUDA = "CUDAExecutionProvider"
@@ -88,13 +95,64 @@ class ProviderSelector:
         return session
 
 
+class BucketRunner:
+    """One instance's runs: each batch goes through the session for its bucket, padded up to it on CUDA.
+
+    Padding happens in place where it can: ``run_rows`` reads the bucket's rows straight from a buffer that
+    holds them (the engine's shared memory), and a batch of any other size is copied into one reused buffer.
+    The padding rows hold whatever that buffer held before; each image's outputs depend on that image alone,
+    and the padding's outputs are dropped. On the CPU, where one session takes any size, nothing is padded.
+    """
+
+    def __init__(
+        self,
+        sessions: dict[int, ort.InferenceSession],
+        input_info: TensorInfo,
+        output_info: TensorInfo,
+        max_batch_size: int,
+        pad: bool,
+    ) -> None:
+        self._sessions = sessions
+        self._buckets = sorted(sessions)
+        self._input = input_info
+        self._output_names = [output_info.name]
+        self._max_batch_size = max_batch_size
+        self._pad = pad
+        self._padded: np.ndarray | None = None  # made on the first batch that needs padding
+
+    def _bucket(self, count: int) -> int:
+        return next(bucket for bucket in self._buckets if bucket >= count)
+
+    def rows_read(self, count: int) -> int:
+        """How many rows a run of ``count`` images reads: its bucket on CUDA, ``count`` itself on the CPU."""
+        return self._bucket(count) if self._pad else count
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Blocking: ``images`` through the model, one output row per image."""
+        count = len(images)
+        if self.rows_read(count) == count:
+            return self.run_rows(images, count)
+        if self._padded is None:
+            self._padded = np.zeros((self._max_batch_size, *images.shape[1:]), images.dtype)
+        self._padded[:count] = images
+        return self.run_rows(self._padded, count)
+
+    def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        """The first ``count`` rows of ``buffer`` through the model, read in place: ``buffer`` holds at least
+        ``rows_read(count)`` rows (the rows past ``count`` are padding)."""
+        rows = self.rows_read(count)
+        session = self._sessions[self._bucket(rows)]
+        output: np.ndarray = session.run(self._output_names, {self._input.name: buffer[:rows]})[0]
+        return output[:count]
+
+
 class ModelRuntime:
     """``instance_count`` instances of one ONNX file; ``runners[i]`` runs a uint8 batch on instance ``i``.
 
     On CUDA each instance holds one session per bucket: ONNX Runtime's CUDA convolutions plan for the last
     input shape they saw, and re-planning on every change of batch size cost an H100 about 200 ms a batch once
     batches of mixed sizes arrived. A session that only ever sees one shape plans once, at warm-up. On the CPU
-    one session serves every bucket.
+    one session serves every batch size, unpadded.
     """
 
     def __init__(self, path: Path, instance_count: int, max_batch_size: int, providers: ProviderSelector) -> None:
@@ -107,7 +165,10 @@ class ModelRuntime:
         self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
-        self.runners = [self._runner(sessions) for sessions in self.instances]
+        pad = _CUDA in self.providers
+        self.runners = [
+            BucketRunner(sessions, self.input, self.output, max_batch_size, pad) for sessions in self.instances
+        ]
 
     def _bucket_sessions(
         self, providers: ProviderSelector, options: ort.SessionOptions
@@ -133,24 +194,6 @@ class ModelRuntime:
             raise ValueError(f"unsupported tensor type {arg.type} for {arg.name}")
         shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
         return TensorInfo(arg.name, np.dtype(_NUMPY_TYPES[arg.type]), shape)
-
-    def _bucket(self, size: int) -> int:
-        return next(bucket for bucket in self.buckets if bucket >= size)
-
-    def _runner(self, sessions: dict[int, ort.InferenceSession]) -> Callable[[np.ndarray], np.ndarray]:
-        input_name, output_names = self.input.name, [self.output.name]
-
-        def run(images: np.ndarray) -> np.ndarray:
-            count = len(images)
-            bucket = self._bucket(count)
-            if bucket != count:  # pad with zeros to the bucket's shape; the padding's outputs are dropped
-                padded = np.zeros((bucket, *images.shape[1:]), dtype=images.dtype)
-                padded[:count] = images
-                images = padded
-            output: np.ndarray = sessions[bucket].run(output_names, {input_name: images})[0]
-            return output[:count]
-
-        return run
 
     def close(self) -> None:
         """Release the sessions (and their GPU memory) now rather than whenever the last reference goes."""

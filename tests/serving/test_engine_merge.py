@@ -21,13 +21,21 @@ class GatedModel:
         self.runs: list[int] = []
         self.fail_when_rows = fail_when_rows
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        images = buffer[:count]
         self.started.set()
         self.release.wait(10)
         self.runs.append(len(images))
         if len(images) == self.fail_when_rows:
             raise ValueError(f"cannot run {len(images)} rows")
         return images.reshape(len(images), -1).astype(np.float32) * 2
+
+
+class Flatten:
+    """A model whose outputs are its input pixels, so each batch's answer shows whose rows it got."""
+
+    def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        return buffer[:count].reshape(count, -1).astype(np.float32)
 
 
 def _images(rows: int, value: int) -> np.ndarray:
@@ -38,7 +46,7 @@ def _submit(merger: BatchMerger, images: np.ndarray, results: dict[int, object])
     def send() -> None:
         outputs = np.zeros((len(images), 4), np.float32)
         try:
-            merger.run(images, outputs)
+            merger.run(images, len(images), outputs)
         except ValueError as exc:
             results[int(images[0, 0, 0])] = exc
         else:
@@ -75,17 +83,20 @@ def _queue_behind_a_running_batch(merger: BatchMerger, model: GatedModel, rows: 
 
 
 def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
+    class Model:
+        def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+            callers.append(threading.current_thread().name)
+            buffers.append(buffer)
+            return buffer[:count].reshape(count, -1).astype(np.float32)
+
     callers: list[str] = []
-
-    def model(images: np.ndarray) -> np.ndarray:
-        callers.append(threading.current_thread().name)
-        return images.reshape(len(images), -1).astype(np.float32)
-
-    merger = BatchMerger(model, 8)
+    buffers: list[np.ndarray] = []
+    images = _images(8, 7)
     outputs = np.zeros((3, 4), np.float32)
-    merger.run(_images(3, 7), outputs)
-    np.testing.assert_array_equal(outputs, _images(3, 7).reshape(3, -1))
+    BatchMerger(Model(), 8).run(images, 3, outputs)
+    np.testing.assert_array_equal(outputs, images[:3].reshape(3, -1))
     assert callers == [threading.current_thread().name]
+    assert buffers[0] is images, "read in place from the caller's buffer, not copied"
 
 
 def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows() -> None:
@@ -113,13 +124,13 @@ def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None
         assert isinstance(error, ValueError)
         assert str(error) == "cannot run 7 rows"
     outputs = np.zeros((1, 4), np.float32)
-    merger.run(_images(1, 9), outputs)
+    merger.run(_images(1, 9), 1, outputs)
     np.testing.assert_array_equal(outputs, _images(1, 9).reshape(1, -1) * 2)
 
 
 def test_many_threads_at_once_each_get_their_own_answer() -> None:
     """No batch is lost, answered twice or given another's rows when every thread sends at once, many times."""
-    merger = BatchMerger(lambda images: images.reshape(len(images), -1).astype(np.float32), 64)
+    merger = BatchMerger(Flatten(), 64)
     failures: list[str] = []
 
     def send(seed: int) -> None:
@@ -127,7 +138,7 @@ def test_many_threads_at_once_each_get_their_own_answer() -> None:
         for _ in range(300):
             images = rng.integers(0, 256, (int(rng.integers(1, 9)), 2, 2), dtype=np.uint8)
             outputs = np.zeros((len(images), 4), np.float32)
-            merger.run(images, outputs)
+            merger.run(images, len(images), outputs)
             if not np.array_equal(outputs, images.reshape(len(images), -1)):
                 failures.append(f"thread {seed}")
 

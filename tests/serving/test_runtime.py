@@ -1,0 +1,45 @@
+"""BucketRunner: padded runs give each image the answer it gets alone, without copying where it need not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector
+
+DIGITS = Path("models/digits/1/model.onnx")
+
+
+def _padding_runner(max_batch_size: int) -> tuple[BucketRunner, ModelRuntime]:
+    """A runner that pads to buckets as it does on CUDA, over real CPU sessions, and the CPU runtime itself."""
+    runtime = ModelRuntime(DIGITS, 1, max_batch_size, ProviderSelector(Device.CPU))
+    session = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"])
+    sessions = dict.fromkeys(runtime.buckets, session)
+    return BucketRunner(sessions, runtime.input, runtime.output, max_batch_size, pad=True), runtime
+
+
+def _digits(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (rows, 28, 28, 1), dtype=np.uint8)
+
+
+def test_on_the_cpu_a_batch_runs_at_its_own_size() -> None:
+    runner = ModelRuntime(DIGITS, 1, 16, ProviderSelector(Device.CPU)).runners[0]
+    assert [runner.rows_read(count) for count in (1, 3, 5, 16)] == [1, 3, 5, 16]
+
+
+def test_a_padding_runner_reads_the_next_bucket_and_answers_each_image_as_alone() -> None:
+    runner, unpadded = _padding_runner(16)
+    assert [runner.rows_read(count) for count in (1, 3, 5, 9, 16)] == [1, 4, 8, 16, 16]
+    for rows, seed in ((3, 1), (5, 2), (2, 3)):  # the reused padding buffer still holds the previous batch
+        images = _digits(rows, seed)
+        outputs = runner(images)
+        assert outputs.shape == (rows, 10)
+        np.testing.assert_allclose(outputs, unpadded.runners[0](images), atol=1e-6)
+
+
+def test_run_rows_reads_a_full_buffer_in_place_whatever_its_padding_rows_hold() -> None:
+    runner, unpadded = _padding_runner(16)
+    buffer = _digits(16, 4)  # rows 5..7 are someone else's images: padding for a batch of 5
+    np.testing.assert_allclose(runner.run_rows(buffer, 5), unpadded.runners[0](buffer[:5]), atol=1e-6)
