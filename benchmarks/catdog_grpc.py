@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="+",
         default=["server", "baseline"],
         help="server (the committed config), baseline (no batching, one worker), or a variant of the server: "
-        "server:i2 (2 instances), server:fp16 (FP16 conversion), server:d0 (no queue delay), combined with ':'",
+        "server:i2 (2 instances), server:fp16 (FP16 conversion), server:d0 (no queue delay), server:nhwc and "
+        "server:nchw (prefer_nhwc on, off), combined with ':'",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
     parser.add_argument("--concurrency", type=int, default=128)

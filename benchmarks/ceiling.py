@@ -14,7 +14,7 @@ what the server runs today (a ``ModelRuntime`` and its runner):
 - ``nhwc``: the CUDA provider's ``prefer_nhwc`` (CUDA only);
 - ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only);
 - ``fp16``: the model in float16, uint8 in and FP32 out as before (CUDA only; accuracy:
-  ``python -m benchmarks.onnx_variants fp16-accuracy``).
+  ``python -m benchmarks.onnx_variants accuracy``).
 
 The ``diff`` column is the largest probability difference from the first variant run, on the same batch:
 a variant that runs fast because it computes something else shows there.

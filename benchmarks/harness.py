@@ -76,12 +76,14 @@ def repository(
     instances: int | None = None,
     delay_us: int | None = None,
     fp16: bool = False,
+    prefer_nhwc: bool | None = None,
 ) -> Path:
     """A model repository at ``target`` serving ``models`` from ``source`` (linked, not copied), with changes.
 
     ``batching=False`` gives the no-batching baseline: ``max_batch_size: 1`` and no ``dynamic_batching``, so
     every request runs alone, as soon as it arrives. ``instances`` and ``delay_us`` replace the instance count
-    and the queue delay; ``fp16`` serves an FP16 conversion of each version's file instead.
+    and the queue delay; ``fp16`` serves an FP16 conversion of each version's file instead; ``prefer_nhwc``
+    sets the model's ``prefer_nhwc`` parameter.
     """
     target.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -105,13 +107,16 @@ def repository(
             config.instance_group[0].count = instances
         if delay_us is not None:
             config.dynamic_batching.max_queue_delay_microseconds = delay_us
+        if prefer_nhwc is not None:
+            config.parameters["prefer_nhwc"].string_value = "1" if prefer_nhwc else "0"
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
     return target
 
 
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
     """The repository for a named server: ``baseline`` (batching off), ``server`` (the committed config), or
-    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` FP16."""
+    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` FP16,
+    ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off."""
     changes = name.split(":")[1:]
     return repository(
         source,
@@ -121,6 +126,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         instances=next((int(c[1:]) for c in changes if c.startswith("i")), None),
         delay_us=next((int(c[1:]) for c in changes if c.startswith("d")), None),
         fp16="fp16" in changes,
+        prefer_nhwc={"nhwc": True, "nchw": False}.get(next((c for c in changes if c in ("nhwc", "nchw")), "")),
     )
 
 

@@ -1,10 +1,12 @@
 """ONNX file variants the server might adopt, and the accuracy check each must pass before a speed figure counts.
 
 FP16: weights and compute in float16, the uint8 input and FP32 output kept, so the server and its clients
-feed it unchanged. A faster model that classifies worse is no win, so its held-out accuracy is measured on
-the set the model card used (digits: MNIST's 10,000 test images; catdog: the 1,000 validation photos):
+feed it unchanged. NHWC: the same FP32 file with the CUDA provider's ``prefer_nhwc`` (other convolution
+kernels, so other rounding). A faster model that classifies worse is no win, so its held-out accuracy is
+measured on the set the model card used (digits: MNIST's 10,000 test images; catdog: the 1,000 validation
+photos):
 
-    python -m benchmarks.onnx_variants fp16-accuracy --model-repository models --data-dir ../shared/data --device cuda
+    python -m benchmarks.onnx_variants accuracy --model-repository models --data-dir ../shared/data --device cuda
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _card_accuracy(model: Path) -> float:
     return float(card["accuracy"][card["parity"]["split"]]["accuracy"])
 
 
-def _fp16_accuracy(args: argparse.Namespace) -> None:
+def _accuracy(args: argparse.Namespace) -> None:
     from training.export import onnx_accuracy  # here, so torch stays out of the ceiling's process
 
     providers = ProviderSelector(Device(args.device))
@@ -85,27 +87,33 @@ def _fp16_accuracy(args: argparse.Namespace) -> None:
             fp32 = newest_model(model_dir)
             fp16 = to_fp16(fp32, Path(scratch) / f"{name}.fp16.onnx")
             images, labels = held_out(name, args.data_dir, load_model_spec(model_dir).input.height, args.limit)
-            accuracy32, accuracy16 = (
-                onnx_accuracy(providers.session(path, ort.SessionOptions()), images, labels) for path in (fp32, fp16)
+            sessions = (
+                providers.session(fp32, ort.SessionOptions()),
+                providers.session(fp16, ort.SessionOptions()),
+                providers.session(fp32, ort.SessionOptions(), {"prefer_nhwc": "1"}),
             )
-            figures = (_card_accuracy(fp32), accuracy32, accuracy16)
-            rows.append([name, len(labels), *(f"{v:.4f}" for v in figures), f"{100 * (accuracy16 - accuracy32):+.2f}"])
+            fp32_accuracy, *variants = (onnx_accuracy(session, images, labels) for session in sessions)
+            rows.append(
+                [name, len(labels), *(f"{v:.4f}" for v in (_card_accuracy(fp32), fp32_accuracy, *variants))]
+                + [f"{100 * (accuracy - fp32_accuracy):+.2f}" for accuracy in variants]
+            )
     print(f"onnxruntime {ort.__version__}, --device {args.device}")
-    print(format_table(["model", "images", "card fp32", "fp32", "fp16", "fp16-fp32 points"], rows))
+    headers = ["model", "images", "card fp32", "fp32", "fp16", "nhwc", "fp16-fp32 points", "nhwc-fp32 points"]
+    print(format_table(headers, rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    fp16 = commands.add_parser("fp16-accuracy", help="held-out accuracy of each model in FP32 and in FP16")
-    fp16.add_argument("--model-repository", type=Path, default=Path("models"))
-    fp16.add_argument("--models", nargs="+", default=["digits", "catdog"], choices=["digits", "catdog"])
-    fp16.add_argument("--data-dir", type=Path, required=True, help="the folder holding mnist/ and catdog/")
-    fp16.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    fp16.add_argument("--limit", type=int, default=None, help="at most N held-out images per model (quick checks)")
+    accuracy = commands.add_parser("accuracy", help="held-out accuracy of each model in FP32, FP16 and NHWC")
+    accuracy.add_argument("--model-repository", type=Path, default=Path("models"))
+    accuracy.add_argument("--models", nargs="+", default=["digits", "catdog"], choices=["digits", "catdog"])
+    accuracy.add_argument("--data-dir", type=Path, required=True, help="the folder holding mnist/ and catdog/")
+    accuracy.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    accuracy.add_argument("--limit", type=int, default=None, help="at most N held-out images per model (quick checks)")
     args = parser.parse_args(argv)
     try:
-        _fp16_accuracy(args)
+        _accuracy(args)
     except DeviceUnavailable as exc:
         parser.exit(2, f"{exc}\n")
 

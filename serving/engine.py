@@ -49,6 +49,12 @@ class ModelKey:
     max_batch_size: int
     cpu_only: bool
     modified_ns: int  # a replaced file (a reload) gets new sessions
+    cuda_options: tuple[tuple[str, str], ...] = ()  # the model's own CUDA provider options
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelKey:
+        """The key a worker sent (JSON turned its option pairs into lists)."""
+        return cls(**{**data, "cuda_options": tuple((key, value) for key, value in data.get("cuda_options", ()))})
 
 
 def _tensor_json(info: TensorInfo) -> dict[str, Any]:
@@ -82,7 +88,9 @@ class _Engine:
             loaded = self.loaded.get(key)
             if loaded is None:
                 providers = self.cpu if key.cpu_only else self.providers
-                runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers)
+                runtime = ModelRuntime(
+                    Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options)
+                )
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))
                 mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]
@@ -103,7 +111,7 @@ class _Engine:
             hello = receive_json(connection)
             if hello is None:
                 return
-            key = ModelKey(**hello["model"])
+            key = ModelKey.from_json(hello["model"])
             try:
                 loaded = self.acquire(key)
             except DeviceUnavailable as exc:

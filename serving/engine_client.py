@@ -94,10 +94,19 @@ def _shared_memory(size: int) -> int:
 class RemoteRuntime:
     """``instance_count`` instances of one ONNX file, loaded and run by the engine at ``address``."""
 
-    def __init__(self, address: str, path: Path, instance_count: int, max_batch_size: int, cpu_only: bool) -> None:
+    def __init__(
+        self,
+        address: str,
+        path: Path,
+        instance_count: int,
+        max_batch_size: int,
+        cpu_only: bool,
+        cuda_options: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
-        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, path.stat().st_mtime_ns)
+        modified = path.stat().st_mtime_ns
+        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, cuda_options)
         self._instances: list[_Instance] = []
         try:
             for index in range(instance_count):

@@ -17,11 +17,16 @@ from serving.batching import BatchPolicy
 from serving.images import InputSpec, resize_for
 from serving.protos.inference import model_config_pb2 as mc
 
-__all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
+__all__ = ["CUDA_PARAMETERS", "ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
 
 _log = logging.getLogger(__name__)
 _PLATFORMS = {"onnxruntime_onnx"}
 _BACKENDS = {"onnxruntime"}
+CUDA_PARAMETERS = {
+    "prefer_nhwc": "convolutions in NHWC layout (faster for the cat/dog net at every batch size on an H200)",
+}
+"""Model ``parameters`` that become ONNX Runtime CUDA provider options of the same name, switched on or off."""
+_SWITCH = {"1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
 
 
 class ConfigError(ValueError):
@@ -60,6 +65,7 @@ class ModelSpec:
     cpu_only: bool  # every instance group asks for KIND_CPU
     versions: VersionPolicy
     config: mc.ModelConfig
+    cuda_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime CUDA provider options from ``parameters``
 
 
 def _parse(path: Path) -> mc.ModelConfig:
@@ -117,6 +123,23 @@ def _versions(config: mc.ModelConfig) -> VersionPolicy:
     return VersionPolicy()  # "all", and our default: every version folder side by side
 
 
+def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], ...]:
+    """The ``parameters`` this server passes to ONNX Runtime's CUDA provider; others (NVIDIA Triton's backend
+    settings) are left to the servers that read them."""
+    options = []
+    for key, parameter in sorted(config.parameters.items()):
+        if key not in CUDA_PARAMETERS:
+            _log.info(
+                "%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(CUDA_PARAMETERS)
+            )
+            continue
+        value = parameter.string_value.strip().lower()
+        if value not in _SWITCH:
+            raise ConfigError(f'{path}: parameter {key!r} is {parameter.string_value!r}; use "1" or "0"')
+        options.append((key, _SWITCH[value]))
+    return tuple(options)
+
+
 def load_model_spec(model_dir: Path) -> ModelSpec:
     """Parse and check ``<model_dir>/config.pbtxt`` and its label file.
 
@@ -158,4 +181,5 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         and all(group.kind == mc.ModelInstanceGroup.KIND_CPU for group in config.instance_group),
         versions=_versions(config),
         config=config,
+        cuda_options=_cuda_options(config, path),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,17 @@ class ProviderSelector:
         """True once sessions are opened on the CPU (chosen, or CUDA failed to load)."""
         return self._cuda_failed
 
-    def session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-        """Open ``path`` on CUDA if chosen and working, else on the CPU (``DeviceUnavailable`` for ``cuda``)."""
+    def session(
+        self, path: Path, options: ort.SessionOptions, cuda_options: Mapping[str, str] | None = None
+    ) -> ort.InferenceSession:
+        """Open ``path`` on CUDA if chosen and working, else on the CPU (``DeviceUnavailable`` for ``cuda``);
+        ``cuda_options`` are the model's own, over the process-wide ones."""
         if self._cuda_failed:
             return ort.InferenceSession(str(path), options, providers=[_CPU])
         ort.set_default_logger_severity(4)  # ONNX Runtime's own multi-line errors would drown our one line
+        cuda = {**self.cuda_options, **(cuda_options or {})}
         try:
-            session = ort.InferenceSession(str(path), options, providers=[(_CUDA, self.cuda_options), _CPU])
+            session = ort.InferenceSession(str(path), options, providers=[(_CUDA, cuda), _CPU])
         finally:
             ort.set_default_logger_severity(_ORT_LOG_ERRORS)
         if _CUDA in session.get_providers():
@@ -155,12 +160,19 @@ class ModelRuntime:
     one session serves every batch size, unpadded.
     """
 
-    def __init__(self, path: Path, instance_count: int, max_batch_size: int, providers: ProviderSelector) -> None:
+    def __init__(
+        self,
+        path: Path,
+        instance_count: int,
+        max_batch_size: int,
+        providers: ProviderSelector,
+        cuda_options: Mapping[str, str] | None = None,
+    ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
         options = self._options(providers, instance_count)
-        self.instances = [self._bucket_sessions(providers, options) for _ in range(instance_count)]
+        self.instances = [self._bucket_sessions(providers, options, cuda_options) for _ in range(instance_count)]
         first = self.instances[0][self.buckets[0]]
         self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
@@ -171,12 +183,12 @@ class ModelRuntime:
         ]
 
     def _bucket_sessions(
-        self, providers: ProviderSelector, options: ort.SessionOptions
+        self, providers: ProviderSelector, options: ort.SessionOptions, cuda_options: Mapping[str, str] | None
     ) -> dict[int, ort.InferenceSession]:
-        first = providers.session(self.path, options)
+        first = providers.session(self.path, options, cuda_options)
         if _CUDA not in first.get_providers():
             return dict.fromkeys(self.buckets, first)
-        return {bucket: first if bucket == self.buckets[0] else providers.session(self.path, options)
+        return {bucket: first if bucket == self.buckets[0] else providers.session(self.path, options, cuda_options)
                 for bucket in self.buckets}  # fmt: skip
 
     @staticmethod

@@ -93,3 +93,13 @@ def test_a_vanished_engine_fails_the_batch_with_a_reason(
     with pytest.raises(EngineError, match="the engine process went away"):
         remote.runners[0](np.zeros((2, 28, 28, 1), np.uint8))
     remote.close()
+
+
+def test_a_model_with_its_own_cuda_options_loads_through_the_engine(engine: tuple[str, object]) -> None:
+    """The options travel in the handshake; on the CPU engine they change nothing in the answers."""
+    address, _ = engine
+    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False, cuda_options=(("prefer_nhwc", "1"),))
+    local = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
+    images = np.random.default_rng(5).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_allclose(remote.runners[0](images), local.runners[0](images), atol=1e-6)
+    remote.close()
