@@ -89,7 +89,7 @@ def test_perf_analyzer_drives_the_echo_server(repo_root: Path, tmp_path: Path, s
 def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path, tmp_path: Path) -> None:
     """Server and baseline classify the photos without errors; /model divides by the ceiling file's best row."""
     logs = tmp_path / "logs"
-    ceiling = repo_root / "benchmarks/results/ceiling.json"
+    ceiling = repo_root / "benchmarks/results/h200/ceiling.json"
     catdog_grpc.main(
         ["--photos", str(data_dir / "catdog/cats_and_dogs_filtered_s224_q80.zip"),
          "--model-repository", str(repo_root / "models"), "--device", "cpu", "--workers", "1", "--batches", "2",
