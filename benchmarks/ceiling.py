@@ -81,14 +81,11 @@ class _Built:
 
 
 def _runtime(path: Path, spec: ModelSpec, device: Device, **cuda_options: str) -> ModelRuntime:
-    """One instance opened and warmed up exactly as the server does it (so the ``server`` variant runs each batch
-    size as the server plans it), with ``cuda_options`` over the server's own."""
+    """One instance opened exactly as the server opens it, with ``cuda_options`` over the server's own."""
     providers = ProviderSelector(device)
     if cuda_options:
         providers = ProviderSelector(device, {**providers.cuda_options, **cuda_options})
-    runtime = ModelRuntime(path, 1, spec.max_batch_size, providers)
-    runtime.warm_up()
-    return runtime
+    return ModelRuntime(path, 1, spec.max_batch_size, providers)
 
 
 def _as_served(runtime: ModelRuntime, buckets: Sequence[int]) -> _Built:

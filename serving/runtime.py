@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
-from serving.bucket_plan import plan_runs
 
 __all__ = [
     "BucketRunner",
@@ -35,7 +32,6 @@ _log = logging.getLogger(__name__)
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 _ORT_LOG_ERRORS = 3  # ONNX Runtime's default logger: errors only (its warnings are about graph placement)
-_TIMED_RUNS = 3  # per bucket at warm-up, after its first run
 _NUMPY_TYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 
 
@@ -105,14 +101,12 @@ class ProviderSelector:
 
 
 class BucketRunner:
-    """One instance's runs: on CUDA each batch goes through fixed-shape sessions, one per bucket size.
+    """One instance's runs: each batch goes through the session for its bucket, padded up to it on CUDA.
 
-    A batch of N images takes the bucket runs that cover N fastest (``serving.bucket_plan``, from each bucket's
-    run time measured at warm-up; until then, the next bucket up). Runs read in place where they can:
-    ``run_rows`` reads straight from a buffer that holds the rows they cover (the engine's shared memory), and
-    a batch of any other size is copied into one reused buffer. The rows past N hold whatever that buffer held
-    before; each image's outputs depend on that image alone, and the padding's outputs are dropped. On the CPU,
-    where one session takes any size, a batch is one run of its own size.
+    Padding happens in place where it can: ``run_rows`` reads the bucket's rows straight from a buffer that
+    holds them (the engine's shared memory), and a batch of any other size is copied into one reused buffer.
+    The padding rows hold whatever that buffer held before; each image's outputs depend on that image alone,
+    and the padding's outputs are dropped. On the CPU, where one session takes any size, nothing is padded.
     """
 
     def __init__(
@@ -124,29 +118,19 @@ class BucketRunner:
         pad: bool,
     ) -> None:
         self._sessions = sessions
-        self.buckets = sorted(sessions)
+        self._buckets = sorted(sessions)
         self._input = input_info
         self._output_names = [output_info.name]
         self._max_batch_size = max_batch_size
         self._pad = pad
         self._padded: np.ndarray | None = None  # made on the first batch that needs padding
-        self._plans: list[tuple[int, ...]] = [(self._bucket(n),) for n in range(max_batch_size + 1)] if pad else []
 
     def _bucket(self, count: int) -> int:
-        return next(bucket for bucket in self.buckets if bucket >= count)
-
-    def use_run_times(self, seconds: dict[int, float]) -> None:
-        """Plan every batch size's runs from each bucket's run time (CUDA; the CPU runs batches as they are)."""
-        if self._pad:
-            self._plans = plan_runs(seconds, self._max_batch_size)
-
-    def runs(self, count: int) -> tuple[int, ...]:
-        """The rows of each run that a batch of ``count`` images takes, in order."""
-        return self._plans[count] if self._pad else (count,)
+        return next(bucket for bucket in self._buckets if bucket >= count)
 
     def rows_read(self, count: int) -> int:
-        """How many rows of its buffer a batch of ``count`` images reads: ``count`` and any padding."""
-        return sum(self.runs(count))
+        """How many rows a run of ``count`` images reads: its bucket on CUDA, ``count`` itself on the CPU."""
+        return self._bucket(count) if self._pad else count
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Blocking: ``images`` through the model, one output row per image."""
@@ -161,13 +145,9 @@ class BucketRunner:
     def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
         """The first ``count`` rows of ``buffer`` through the model, read in place: ``buffer`` holds at least
         ``rows_read(count)`` rows (the rows past ``count`` are padding)."""
-        outputs: list[np.ndarray] = []
-        start = 0
-        for rows in self.runs(count):
-            session = self._sessions[self._bucket(rows)]
-            outputs.append(session.run(self._output_names, {self._input.name: buffer[start : start + rows]})[0])
-            start += rows
-        output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        rows = self.rows_read(count)
+        session = self._sessions[self._bucket(rows)]
+        output: np.ndarray = session.run(self._output_names, {self._input.name: buffer[:rows]})[0]
         return output[:count]
 
 
@@ -197,9 +177,9 @@ class ModelRuntime:
         self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
-        self._pads = _CUDA in self.providers
+        pad = _CUDA in self.providers
         self.runners = [
-            BucketRunner(sessions, self.input, self.output, max_batch_size, self._pads) for sessions in self.instances
+            BucketRunner(sessions, self.input, self.output, max_batch_size, pad) for sessions in self.instances
         ]
 
     def _bucket_sessions(
@@ -233,24 +213,7 @@ class ModelRuntime:
         self.runners.clear()
 
     def warm_up(self) -> None:
-        """Run every bucket on every instance once, so algorithm search and allocation happen now; on CUDA,
-        then time each bucket, so each instance plans its batches' runs from what they cost on this GPU."""
-        batch = np.zeros((self.max_batch_size, *self.input.shape[1:]), dtype=self.input.dtype)
+        """Run every bucket on every instance once, so algorithm search and allocation happen now."""
         for runner in self.runners:
             for bucket in self.buckets:
-                runner.run_rows(batch, bucket)
-            if self._pads:
-                seconds = {bucket: self._run_time(runner, batch, bucket) for bucket in self.buckets}
-                runner.use_run_times(seconds)
-                timings = ", ".join(f"{bucket}: {1000 * time:.2f}" for bucket, time in seconds.items())
-                _log.info("%s: run time per batch size in ms {%s}", self.path, timings)
-
-    @staticmethod
-    def _run_time(runner: BucketRunner, batch: np.ndarray, bucket: int) -> float:
-        """The fastest of a few runs of ``bucket`` rows: the cost without the GPU's occasional hiccups."""
-        times = []
-        for _ in range(_TIMED_RUNS):
-            start = time.perf_counter()
-            runner.run_rows(batch, bucket)
-            times.append(time.perf_counter() - start)
-        return min(times)
+                runner(np.zeros((bucket, *self.input.shape[1:]), dtype=self.input.dtype))

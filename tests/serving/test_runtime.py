@@ -43,20 +43,3 @@ def test_run_rows_reads_a_full_buffer_in_place_whatever_its_padding_rows_hold() 
     runner, unpadded = _padding_runner(16)
     buffer = _digits(16, 4)  # rows 5..7 are someone else's images: padding for a batch of 5
     np.testing.assert_allclose(runner.run_rows(buffer, 5), unpadded.runners[0](buffer[:5]), atol=1e-6)
-
-
-def test_a_batch_split_over_several_bucket_runs_gets_the_answers_it_gets_alone() -> None:
-    """With run times that make splitting pay, a batch of 11 runs as 8 + 2 + 1 and a batch of 5 as 4 + 1."""
-    runner, unpadded = _padding_runner(16)
-    runner.use_run_times({bucket: 0.001 * bucket for bucket in runner.buckets})
-    assert runner.runs(11) == (8, 2, 1)
-    assert runner.runs(5) == (4, 1)
-    for rows, seed in ((11, 6), (5, 7), (16, 8)):
-        images = _digits(rows, seed)
-        np.testing.assert_allclose(runner(images), unpadded.runners[0](images), atol=1e-6)
-
-
-def test_on_the_cpu_run_times_change_nothing() -> None:
-    runner = ModelRuntime(DIGITS, 1, 16, ProviderSelector(Device.CPU)).runners[0]
-    runner.use_run_times({bucket: 1.0 for bucket in runner.buckets})
-    assert runner.runs(5) == (5,)
