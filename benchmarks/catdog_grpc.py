@@ -142,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = {"decode_1_process": decode_one, "decode_all_processes": decode_all, "model_ceiling": ceiling}
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
-        ["server", "batch", "mode", "images/s", "p50 ms", "p99 ms", "errors", "srv cores", "box cpu%", "gpu%",
+        ["server", "batch", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors", "srv cores", "box cpu%", "gpu%",
          "/decode", "/model"],
         [
-            [row["server"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"], row["p99_ms"],
+            [row["server"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"],  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
