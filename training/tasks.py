@@ -227,7 +227,7 @@ TASKS: dict[str, Task] = {
             freeze_batchnorm=True,
             ema_decay=0.99,
         ),
-        # Two instances, two runs in flight on the GPU: 8-24% more images/s than one (benchmarks/BENCHMARKS.md).
+        # Two instances, two runs in flight on the GPU: 11-24% more images/s than one (benchmarks/BENCHMARKS.md).
         batching=Batching(max_batch_size=128, max_queue_delay_microseconds=0, max_queue_size=1024, instance_count=2),
         build_net=_pretrained_lite0,
         load=_load_catdog,
