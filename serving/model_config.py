@@ -17,15 +17,12 @@ from serving.batching import BatchPolicy
 from serving.images import InputSpec, resize_for
 from serving.protos.inference import model_config_pb2 as mc
 
-__all__ = ["CUDA_PARAMETERS", "ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
+__all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
 
 _log = logging.getLogger(__name__)
 _PLATFORMS = {"onnxruntime_onnx"}
 _BACKENDS = {"onnxruntime"}
-CUDA_PARAMETERS = {
-    "prefer_nhwc": "convolutions in NHWC layout (faster for the cat/dog net at every batch size on an H200)",
-}
-"""Model ``parameters`` that become ONNX Runtime CUDA provider options of the same name, switched on or off."""
+_CUDA_PARAMETERS = ("prefer_nhwc",)  # model parameters passed as the CUDA provider option of the same name
 _SWITCH = {"1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
 
 
@@ -128,9 +125,9 @@ def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], 
     settings) are left to the servers that read them."""
     options = []
     for key, parameter in sorted(config.parameters.items()):
-        if key not in CUDA_PARAMETERS:
+        if key not in _CUDA_PARAMETERS:
             _log.info(
-                "%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(CUDA_PARAMETERS)
+                "%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(_CUDA_PARAMETERS)
             )
             continue
         value = parameter.string_value.strip().lower()

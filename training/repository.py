@@ -14,15 +14,13 @@ __all__ = ["Batching", "ServingConfig", "file_sha256", "render_config", "write_m
 
 @dataclass(frozen=True)
 class Batching:
-    """Dynamic batching, instance and CUDA provider defaults, rendered into ``config.pbtxt`` (tuned by the
-    serving benchmarks)."""
+    """Dynamic batching and instance defaults, rendered into ``config.pbtxt`` (tuned by the serving benchmarks)."""
 
     max_batch_size: int
     max_queue_delay_microseconds: int
     max_queue_size: int
     preferred_batch_sizes: tuple[int, ...] = ()
     instance_count: int = 1
-    cuda_parameters: tuple[tuple[str, str], ...] = ()  # model parameters the server passes to the CUDA provider
 
 
 @dataclass(frozen=True)
@@ -69,16 +67,7 @@ def render_config(config: ServingConfig) -> str:
         f"  default_queue_policy {{ max_queue_size: {batching.max_queue_size} }}\n"
         "}\n"
         f"instance_group [ {{ count: {batching.instance_count} kind: KIND_AUTO }} ]\n"
-        f"{_parameters(batching.cuda_parameters)}"
     )
-
-
-def _parameters(pairs: tuple[tuple[str, str], ...]) -> str:
-    """Triton's ``parameters`` map; NVIDIA Triton's own backend ignores keys it does not read."""
-    if not pairs:
-        return ""
-    entries = "".join(f'  {{ key: "{key}" value {{ string_value: "{value}" }} }}\n' for key, value in pairs)
-    return f"parameters [\n{entries}]\n"
 
 
 def file_sha256(path: Path) -> str:

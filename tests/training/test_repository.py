@@ -23,7 +23,6 @@ CUSTOM = ServingConfig(
         max_queue_size=100,
         preferred_batch_sizes=(8, 16),
         instance_count=2,
-        cuda_parameters=(("prefer_nhwc", "1"),),
     ),
     input_name="pixels",
     output_name="scores",
@@ -67,9 +66,6 @@ def test_render_config_matches_triton_schema(config: ServingConfig) -> None:
     assert len(parsed.instance_group) == 1
     assert parsed.instance_group[0].count == config.batching.instance_count
     assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
-    assert {key: value.string_value for key, value in parsed.parameters.items()} == dict(
-        config.batching.cuda_parameters
-    )
 
 
 def test_task_serving_configs_agree_with_tasks() -> None:
