@@ -179,25 +179,29 @@ class Usage:
     """CPU and GPU use over one load run."""
 
     server_cores: float = 0.0  # CPU seconds of the server's processes per second of wall time
+    process_cores: list[float] = field(default_factory=list)  # the same per process, in the order of the pids
     box_percent: float = 0.0  # all cores, busy time, in percent
     gpu_percent: float | None = None  # nvidia-smi utilization.gpu, mean of its samples; None without a GPU
 
 
 @contextlib.contextmanager
 def sample_usage(pids: Sequence[int]) -> Iterator[Usage]:
-    """Measure ``pids``' CPU time, the whole box's and the GPU's utilisation while the block runs."""
+    """Measure ``pids``' CPU time (in all and each apart: workers share the port by connection, so their loads
+    can differ), the whole box's and the GPU's utilisation while the block runs."""
     usage = Usage()
     processes = [psutil.Process(pid) for pid in pids]
     gpu_samples: list[float] = []
     sampler = _GpuSampler(gpu_samples) if shutil.which("nvidia-smi") else None
     box_before = psutil.cpu_times()
-    cpu_before = sum(_cpu_seconds(p) for p in processes)
+    cpu_before = [_cpu_seconds(p) for p in processes]
     started = time.perf_counter()
     try:
         yield usage
     finally:
         elapsed = time.perf_counter() - started
-        usage.server_cores = (sum(_cpu_seconds(p) for p in processes) - cpu_before) / elapsed
+        spent = [_cpu_seconds(p) - before for p, before in zip(processes, cpu_before, strict=True)]
+        usage.process_cores = [seconds / elapsed for seconds in spent]
+        usage.server_cores = sum(usage.process_cores)
         box_after = psutil.cpu_times()
         busy = sum(box_after) - sum(box_before) - (box_after.idle - box_before.idle)
         usage.box_percent = 100.0 * busy / max(1e-9, sum(box_after) - sum(box_before))

@@ -62,6 +62,8 @@ def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Pat
     assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
     assert all((logs / row["raw"]).is_file() for row in rows)
     assert all(row["usage"]["server_cores"] > 0 for row in rows), "the server's CPU time is sampled"
+    for row in rows:  # each process apart too, so uneven workers show
+        assert row["usage"]["server_cores"] == pytest.approx(sum(row["usage"]["process_cores"]))
 
     rates = {(row["server"], row["mode"]): row["images_per_s"] for row in rows}
     table = (logs / "digits_grpc.txt").read_text()
