@@ -178,6 +178,16 @@ def test_exact_request_count_across_processes(
     assert summary["warmup_s"] == 0
 
 
+def test_streams_cover_every_connection(bench_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers share the port by connection: each of a process's --channels carries a stream, even when
+    --stream-depth would fit its share of the concurrency on fewer."""
+    argv = ["--server", bench_server.address, "--model", "digits", "--stream", "--requests", "40"]
+    status, summary = run_json(capsys, *argv, "--concurrency", "8", "--processes", "2", "--channels", "3")
+    assert status == 0
+    _assert_clean_run(summary)
+    assert (summary["streams"], summary["stream_depth"]) == (6, 2)  # 4 a process: on 3 streams, 2 + 1 + 1
+
+
 def test_json_has_the_documented_fields(bench_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     status, summary = run_json(capsys, "--server", bench_server.address, "--model", "digits", "--requests", "10")
     assert status == 0
