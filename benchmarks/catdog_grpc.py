@@ -3,7 +3,8 @@
 The photos are the 1,000 validation photos, sent as the JPEG files they are; the server decodes, crops and
 batches them. Two ceilings bound the server:
 - decode: ``serving.images.decode_image`` on every core at once, in-process (what the CPU can prepare);
-- model: in-process ONNX Runtime at the server's precision, from ``benchmarks.ceiling --json``.
+- model: in-process ONNX Runtime at the server's precision (the ``precision`` column), from
+  ``benchmarks.ceiling --json``.
 The baseline is the same server with batching off (max batch 1, no delay) and one worker.
 
     python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
@@ -35,6 +36,7 @@ from benchmarks.harness import (
     start_server,
 )
 from serving.images import InputSpec, ResizeMode, decode_image
+from serving.model_config import load_model_spec
 
 MODEL = "catdog"
 _SPEC = InputSpec(224, 224, 3, ResizeMode.CENTER_CROP)
@@ -69,13 +71,26 @@ def decode_ceiling(folder: Path, processes: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
-def model_ceiling(path: Path | None) -> float | None:
-    """The best in-process images/s of the server's own runtime for catdog, from ``benchmarks.ceiling``."""
-    if path is None:
-        return None
-    rows = json.loads(path.read_text())["rows"]
-    rates = [row["images_per_s"] for row in rows if row["model"] == MODEL and row["variant"] == "server"]
-    return max(rates) if rates else None
+def model_ceilings(path: Path | None) -> dict[str, float]:
+    """The best in-process images/s of the server's runtime for catdog per precision (``fp32``, ``fp16``),
+    from ``benchmarks.ceiling``'s rows that change nothing else. Rows from before the ``fp16`` field ran
+    float16 only in the ``fp16`` variant."""
+    rows = json.loads(path.read_text())["rows"] if path else []
+    rates: dict[str, float] = {}
+    for row in rows:
+        if row["model"] == MODEL and row["variant"] in ("server", "fp32", "fp16"):
+            precision = "fp16" if row.get("fp16", row["variant"] == "fp16") else "fp32"
+            rates[precision] = max(rates.get(precision, 0.0), row["images_per_s"])
+    return rates
+
+
+def _ratio(rate: object, ceiling: float | None) -> float | None:
+    return float(rate) / ceiling if ceiling else None  # type: ignore[arg-type]
+
+
+def _precision(repository: Path, device: str) -> str:
+    """What the server runs: its config's precision on a GPU, float32 on the CPU."""
+    return "fp16" if load_model_spec(repository / MODEL).fp16 and device != "cpu" else "fp32"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         cores = os.cpu_count() or 1
         decode_one, decode_all = decode_ceiling(photos, 1, 3.0), decode_ceiling(photos, cores, 3.0)
         print(json.dumps({"decode_1_process": decode_one, f"decode_{cores}_processes": decode_all}), flush=True)
-        ceiling = model_ceiling(args.ceiling_json)
+        ceilings = model_ceilings(args.ceiling_json)
         for name in args.servers:
             repo = server_repository(args.model_repository, scratch, MODEL, name)
+            precision = _precision(repo, args.device)
             workers = 1 if name == "baseline" else args.workers
             port = free_port()
             command = server_command(repo, port, args.device, workers)
@@ -135,27 +151,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                         with sample_usage(server.pids()) as usage:
                             result = classify_bench(f"127.0.0.1:{port}", MODEL, bench, args.log_dir, tag, args.duration)
                         result.usage = usage
-                        rows.append({"server": name, "batch": batch, "mode": mode} | asdict(result))
+                        row = {"server": name, "precision": precision, "batch": batch, "mode": mode}
+                        rows.append(row | asdict(result))
                         print(json.dumps(rows[-1]), flush=True)
             finally:
                 server.stop()
-    summary = {"decode_1_process": decode_one, "decode_all_processes": decode_all, "model_ceiling": ceiling}
+    summary = {"decode_1_process": decode_one, "decode_all_processes": decode_all, "model_ceilings": ceilings}
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
-        ["server", "batch", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors", "srv cores", "box cpu%", "gpu%",
-         "/decode", "/model"],
+        ["server", "precision", "batch", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors", "srv cores",
+         "box cpu%", "gpu%", "/decode", "/model"],
         [
-            [row["server"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
+            [row["server"], row["precision"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"],
+             row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"],  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
-             float(row["images_per_s"]) / ceiling if ceiling else None]  # type: ignore[arg-type]
+             _ratio(row["images_per_s"], ceilings.get(str(row["precision"])))]
             for row in rows
         ],
     )  # fmt: skip
     header = (
         f"decode ceiling: {decode_one:,.0f} images/s on 1 process, {decode_all:,.0f} on {cores}; "
-        f"model ceiling: {f'{ceiling:,.0f}' if ceiling else '-'} images/s"
+        "model ceiling: " + (", ".join(f"{p} {rate:,.0f}" for p, rate in sorted(ceilings.items())) or "-") + " images/s"
     )
     (args.log_dir / "catdog_grpc.txt").write_text(header + "\n" + table + "\n")
     print(header)

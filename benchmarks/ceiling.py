@@ -4,17 +4,18 @@ For every model and every batch bucket the server runs, random uint8 NHWC batche
 go through ONNX Runtime in this process, numpy in and numpy out, for about ``--seconds`` after a warm-up
 (batches above 16 for proportionally less, and never fewer than 20 runs).
 Each variant is one lever the server might adopt, measured the same way against ``server``, which is exactly
-what the server runs today (a ``ModelRuntime`` and its runner):
+what the server runs today (a ``ModelRuntime`` and its runner, at the precision the model's config asks for):
 
+- ``fp32`` and ``fp16``: the server's runtime with the model in float32, or converted to float16 at load
+  (``serving.precision``: uint8 in and FP32 out as before; accuracy: ``python -m benchmarks.onnx_variants
+  accuracy``). float16 is a GPU lever, so on the CPU ``fp16`` is skipped;
 - ``iobinding``: per bucket, an input preallocated on the session's device and updated in place, and a
   preallocated host output, bound once: the cost of ONNX Runtime's per-run allocation and numpy conversion.
   The host output is plain memory: ONNX Runtime 1.31 names no ``cuda_pinned`` device, and reaches pinned
   memory only through the CUDA plugin EP's memory info, which this package does not register by itself;
 - ``cudagraph``: inputs and outputs on the GPU, one captured CUDA graph per bucket (CUDA only);
 - ``nhwc``: the CUDA provider's ``prefer_nhwc`` (CUDA only);
-- ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only);
-- ``fp16``: the model in float16, uint8 in and FP32 out as before (CUDA only; accuracy:
-  ``python -m benchmarks.onnx_variants accuracy``).
+- ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only).
 
 The ``diff`` column is the largest probability difference from the first variant run, on the same batch:
 a variant that runs fast because it computes something else shows there.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.harness import environment, format_table
-from benchmarks.onnx_variants import newest_model, to_fp16
+from benchmarks.onnx_variants import newest_model
 from serving.model_config import ModelSpec, load_model_spec
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, batch_buckets
 
@@ -49,9 +49,9 @@ _CUDA_ONLY = {
     "cudagraph": "CUDA graphs are a CUDA provider feature",
     "nhwc": "prefer_nhwc is a CUDA provider option",
     "heuristic": "cudnn_conv_algo_search is a CUDA provider option",
-    "fp16": "float16 is a GPU lever: the CPU provider has no fast float16 path for these ops",
+    "fp16": "float16 is a GPU lever: the server runs the CPU in float32",
 }
-VARIANTS = ("server", "iobinding", *_CUDA_ONLY)
+VARIANTS = ("server", "fp32", "iobinding", *_CUDA_ONLY)
 _WARM_UP_RUNS = 5  # ONNX Runtime captures a CUDA graph only after a graph id's first few runs
 _MIN_RUNS = 20  # per row, however long each run takes, so p99 is not just the slowest of a handful
 _FULL_TIME_BATCH = 16  # larger batches are timed for --seconds * 16 / batch: their runs are long and steady
@@ -70,6 +70,7 @@ class Row:
     runs: int
     max_abs_diff: float | None  # against the first variant run on the same batch; None for that one
     providers: list[str]
+    fp16: bool  # the model ran in float16
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,14 @@ class _Built:
     infer: dict[int, Infer]
 
 
-def _runtime(path: Path, spec: ModelSpec, device: Device, **cuda_options: str) -> ModelRuntime:
-    """One instance opened exactly as the server opens it, with ``cuda_options`` over the server's own."""
+def _runtime(path: Path, spec: ModelSpec, device: Device, fp16: bool | None = None, **cuda: str) -> ModelRuntime:
+    """One instance opened exactly as the server opens it, with ``cuda`` options over the server's own and
+    ``fp16`` over the model's precision."""
     providers = ProviderSelector(device)
-    if cuda_options:
-        providers = ProviderSelector(device, {**providers.cuda_options, **cuda_options})
-    return ModelRuntime(path, 1, spec.max_batch_size, providers)
+    if cuda:
+        providers = ProviderSelector(device, {**providers.cuda_options, **cuda})
+    precision = spec.fp16 if fp16 is None else fp16
+    return ModelRuntime(path, 1, spec.max_batch_size, providers, dict(spec.cuda_options), precision)
 
 
 def _as_served(runtime: ModelRuntime, buckets: Sequence[int]) -> _Built:
@@ -127,20 +130,17 @@ def _bound_run(session: ort.InferenceSession, binding: Any, run_options: Any, im
     return run
 
 
-def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: Sequence[int], scratch: Path) -> _Built:
+def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: Sequence[int]) -> _Built:
     """Open the sessions of one variant; see the module docstring for what each one changes."""
-    if variant == "server":
-        return _as_served(_runtime(path, spec, device), buckets)
+    if variant in ("server", "fp32", "fp16"):
+        return _as_served(_runtime(path, spec, device, {"fp32": False, "fp16": True}.get(variant)), buckets)
     if variant == "iobinding":
         return _bound(_runtime(path, spec, device), buckets, device.value, "cpu", graphs=False)
     if variant == "cudagraph":
         return _bound(_runtime(path, spec, device, enable_cuda_graph="1"), buckets, "cuda", "cuda", graphs=True)
     if variant == "nhwc":
         return _as_served(_runtime(path, spec, device, prefer_nhwc="1"), buckets)
-    if variant == "heuristic":
-        return _as_served(_runtime(path, spec, device, cudnn_conv_algo_search="HEURISTIC"), buckets)
-    fp16 = to_fp16(path, scratch / f"{spec.name}.fp16.onnx")  # the last of VARIANTS, which argparse enforces
-    return _as_served(_runtime(fp16, spec, device), buckets)
+    return _as_served(_runtime(path, spec, device, cudnn_conv_algo_search="HEURISTIC"), buckets)  # heuristic
 
 
 def _time(infer: Infer, batch: np.ndarray, seconds: float) -> tuple[list[int], int]:
@@ -158,9 +158,7 @@ def _time(infer: Infer, batch: np.ndarray, seconds: float) -> tuple[list[int], i
     return latencies, now - start
 
 
-def _measure_model(
-    name: str, args: argparse.Namespace, device: Device, variants: Sequence[str], scratch: Path
-) -> list[Row]:
+def _measure_model(name: str, args: argparse.Namespace, device: Device, variants: Sequence[str]) -> list[Row]:
     model_dir = args.model_repository / name
     spec = load_model_spec(model_dir)
     buckets = [b for b in batch_buckets(spec.max_batch_size) if args.max_batch is None or b <= args.max_batch]
@@ -170,7 +168,7 @@ def _measure_model(
     references: dict[int, np.ndarray] = {}
     rows: list[Row] = []
     for variant in variants:
-        built = _build(variant, newest_model(model_dir), spec, device, buckets, scratch)
+        built = _build(variant, newest_model(model_dir), spec, device, buckets)
         for bucket in buckets:
             batch = batches[bucket]
             scores = built.infer[bucket](batch).copy()
@@ -188,6 +186,7 @@ def _measure_model(
                     runs=len(latencies),
                     max_abs_diff=None if scores is reference else float(np.abs(scores - reference).max()),
                     providers=built.runtime.providers,
+                    fp16=built.runtime.fp16,
                 )
             )
             print(json.dumps(asdict(rows[-1])), flush=True)
@@ -227,12 +226,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"skipping {variant} on the CPU: {_CUDA_ONLY[variant]}")
             variants.remove(variant)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            for name in args.models:
-                rows += _measure_model(name, args, device, variants, Path(scratch))
-        except DeviceUnavailable as exc:
-            parser.exit(2, f"{exc}\n")
+    try:
+        for name in args.models:
+            rows += _measure_model(name, args, device, variants)
+    except DeviceUnavailable as exc:
+        parser.exit(2, f"{exc}\n")
     providers = [list(names) for names in sorted({tuple(row.providers) for row in rows})]
     header = f"onnxruntime {ort.__version__}, --device {args.device}, providers {' / '.join(map(str, providers))}"
     if args.json:

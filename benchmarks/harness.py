@@ -75,29 +75,22 @@ def repository(
     batching: bool = True,
     instances: int | None = None,
     delay_us: int | None = None,
-    fp16: bool = False,
+    fp16: bool | None = None,
     prefer_nhwc: bool | None = None,
 ) -> Path:
     """A model repository at ``target`` serving ``models`` from ``source`` (linked, not copied), with changes.
 
     ``batching=False`` gives the no-batching baseline: ``max_batch_size: 1`` and no ``dynamic_batching``, so
     every request runs alone, as soon as it arrives. ``instances`` and ``delay_us`` replace the instance count
-    and the queue delay; ``fp16`` serves an FP16 conversion of each version's file instead; ``prefer_nhwc``
-    sets the model's ``prefer_nhwc`` parameter.
+    and the queue delay; ``fp16`` and ``prefer_nhwc`` set the model's ``precision`` and ``prefer_nhwc``
+    parameters.
     """
     target.mkdir(parents=True, exist_ok=True)
     for name in models:
         folder = target / name
         folder.mkdir(exist_ok=True)
         for entry in (source / name).iterdir():
-            if entry.name == "config.pbtxt" or (folder / entry.name).exists():
-                continue
-            if fp16 and entry.name.isdigit():
-                from benchmarks.onnx_variants import to_fp16  # needs onnx, a training dependency
-
-                (folder / entry.name).mkdir()
-                to_fp16(entry / "model.onnx", folder / entry.name / "model.onnx")
-            else:
+            if entry.name != "config.pbtxt" and not (folder / entry.name).exists():
                 (folder / entry.name).symlink_to(entry.resolve())
         config = text_format.Parse((source / name / "config.pbtxt").read_text(), mc.ModelConfig())
         if not batching:
@@ -109,14 +102,16 @@ def repository(
             config.dynamic_batching.max_queue_delay_microseconds = delay_us
         if prefer_nhwc is not None:
             config.parameters["prefer_nhwc"].string_value = "1" if prefer_nhwc else "0"
+        if fp16 is not None:
+            config.parameters["precision"].string_value = "fp16" if fp16 else "fp32"
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
     return target
 
 
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
     """The repository for a named server: ``baseline`` (batching off), ``server`` (the committed config), or
-    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` FP16,
-    ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off."""
+    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32``
+    the precision on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off."""
     changes = name.split(":")[1:]
     return repository(
         source,
@@ -125,7 +120,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         batching=name != "baseline",
         instances=next((int(c[1:]) for c in changes if c.startswith("i")), None),
         delay_us=next((int(c[1:]) for c in changes if c.startswith("d")), None),
-        fp16="fp16" in changes,
+        fp16={"fp16": True, "fp32": False}.get(next((c for c in changes if c in ("fp16", "fp32")), "")),
         prefer_nhwc={"nhwc": True, "nchw": False}.get(next((c for c in changes if c in ("nhwc", "nchw")), "")),
     )
 

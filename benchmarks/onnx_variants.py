@@ -1,7 +1,8 @@
 """ONNX file variants the server might adopt, and the accuracy check each must pass before a speed figure counts.
 
 FP16: weights and compute in float16, the uint8 input and FP32 output kept, so the server and its clients
-feed it unchanged. NHWC: the same FP32 file with the CUDA provider's ``prefer_nhwc`` (other convolution
+feed it unchanged: the conversion the server makes at load for a model whose config asks for ``precision``
+``fp16`` (``serving.precision``). NHWC: the same FP32 file with the CUDA provider's ``prefer_nhwc`` (other convolution
 kernels, so other rounding). A faster model that classifies worse is no win, so its held-out accuracy is
 measured on the set the model card used (digits: MNIST's 10,000 test images; catdog: the 1,000 validation
 photos):
@@ -13,30 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from benchmarks.harness import format_table
 from serving.model_config import load_model_spec
+from serving.precision import float16_model
 from serving.runtime import Device, DeviceUnavailable, ProviderSelector
 from training.mnist import load_mnist_split
 from training.photos import decode_photo, load_photo_set, resize_center_crop
 
-__all__ = ["held_out", "newest_model", "to_fp16"]
-
-
-def to_fp16(src: Path, dst: Path) -> Path:
-    """Write ``src`` with float16 weights and compute to ``dst``; input and output types stay as served."""
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.checker.check_model(model)  # a broken conversion fails here, not as an obscure ONNX Runtime error
-    onnx.save(model, str(dst))
-    return dst
+__all__ = ["held_out", "newest_model"]
 
 
 def newest_model(model_dir: Path) -> Path:
@@ -81,22 +72,20 @@ def _accuracy(args: argparse.Namespace) -> None:
 
     providers = ProviderSelector(Device(args.device))
     rows: list[list[object]] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.models:
-            model_dir = args.model_repository / name
-            fp32 = newest_model(model_dir)
-            fp16 = to_fp16(fp32, Path(scratch) / f"{name}.fp16.onnx")
-            images, labels = held_out(name, args.data_dir, load_model_spec(model_dir).input.height, args.limit)
-            sessions = (
-                providers.session(fp32, ort.SessionOptions()),
-                providers.session(fp16, ort.SessionOptions()),
-                providers.session(fp32, ort.SessionOptions(), {"prefer_nhwc": "1"}),
-            )
-            fp32_accuracy, *variants = (onnx_accuracy(session, images, labels) for session in sessions)
-            rows.append(
-                [name, len(labels), *(f"{v:.4f}" for v in (_card_accuracy(fp32), fp32_accuracy, *variants))]
-                + [f"{100 * (accuracy - fp32_accuracy):+.2f}" for accuracy in variants]
-            )
+    for name in args.models:
+        model_dir = args.model_repository / name
+        fp32 = newest_model(model_dir)
+        images, labels = held_out(name, args.data_dir, load_model_spec(model_dir).input.height, args.limit)
+        sessions = (
+            providers.session(fp32, ort.SessionOptions()),
+            providers.session(float16_model(fp32), ort.SessionOptions()),
+            providers.session(fp32, ort.SessionOptions(), {"prefer_nhwc": "1"}),
+        )
+        fp32_accuracy, *variants = (onnx_accuracy(session, images, labels) for session in sessions)
+        rows.append(
+            [name, len(labels), *(f"{v:.4f}" for v in (_card_accuracy(fp32), fp32_accuracy, *variants))]
+            + [f"{100 * (accuracy - fp32_accuracy):+.2f}" for accuracy in variants]
+        )
     print(f"onnxruntime {ort.__version__}, --device {args.device}")
     headers = ["model", "images", "card fp32", "fp32", "fp16", "nhwc", "fp16-fp32 points", "nhwc-fp32 points"]
     print(format_table(headers, rows))

@@ -50,6 +50,7 @@ class ModelKey:
     cpu_only: bool
     modified_ns: int  # a replaced file (a reload) gets new sessions
     cuda_options: tuple[tuple[str, str], ...] = ()  # the model's own CUDA provider options
+    fp16: bool = False  # float16 on the GPU
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelKey:
@@ -89,7 +90,7 @@ class _Engine:
             if loaded is None:
                 providers = self.cpu if key.cpu_only else self.providers
                 runtime = ModelRuntime(
-                    Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options)
+                    Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options), key.fp16
                 )
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))

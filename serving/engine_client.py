@@ -102,11 +102,12 @@ class RemoteRuntime:
         max_batch_size: int,
         cpu_only: bool,
         cuda_options: tuple[tuple[str, str], ...] = (),
+        fp16: bool = False,
     ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         modified = path.stat().st_mtime_ns
-        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, cuda_options)
+        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, cuda_options, fp16)
         self._instances: list[_Instance] = []
         try:
             for index in range(instance_count):

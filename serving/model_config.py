@@ -23,7 +23,10 @@ _log = logging.getLogger(__name__)
 _PLATFORMS = {"onnxruntime_onnx"}
 _BACKENDS = {"onnxruntime"}
 _CUDA_PARAMETERS = ("prefer_nhwc",)  # model parameters passed as the CUDA provider option of the same name
+_PRECISION = "precision"  # "fp16": the model runs in float16 on the GPU (serving.precision)
+_PARAMETERS = (*_CUDA_PARAMETERS, _PRECISION)
 _SWITCH = {"1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
+_PRECISIONS = {"fp32": False, "fp16": True}
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,7 @@ class ModelSpec:
     versions: VersionPolicy
     config: mc.ModelConfig
     cuda_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime CUDA provider options from ``parameters``
+    fp16: bool = False  # ``parameters { key: "precision" value: { string_value: "fp16" } }``: float16 on the GPU
 
 
 def _parse(path: Path) -> mc.ModelConfig:
@@ -123,18 +127,26 @@ def _versions(config: mc.ModelConfig) -> VersionPolicy:
 def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], ...]:
     """The ``parameters`` this server passes to ONNX Runtime's CUDA provider; others (NVIDIA Triton's backend
     settings) are left to the servers that read them."""
+    for key in sorted(set(config.parameters) - set(_PARAMETERS)):
+        _log.info("%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(_PARAMETERS))
     options = []
-    for key, parameter in sorted(config.parameters.items()):
-        if key not in _CUDA_PARAMETERS:
-            _log.info(
-                "%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(_CUDA_PARAMETERS)
-            )
+    for key in _CUDA_PARAMETERS:
+        if key not in config.parameters:
             continue
-        value = parameter.string_value.strip().lower()
-        if value not in _SWITCH:
-            raise ConfigError(f'{path}: parameter {key!r} is {parameter.string_value!r}; use "1" or "0"')
-        options.append((key, _SWITCH[value]))
+        text = config.parameters[key].string_value
+        if text.strip().lower() not in _SWITCH:
+            raise ConfigError(f'{path}: parameter {key!r} is {text!r}; use "1" or "0"')
+        options.append((key, _SWITCH[text.strip().lower()]))
     return tuple(options)
+
+
+def _fp16(config: mc.ModelConfig, path: Path) -> bool:
+    if _PRECISION not in config.parameters:
+        return False
+    text = config.parameters[_PRECISION].string_value
+    if text.strip().lower() not in _PRECISIONS:
+        raise ConfigError(f'{path}: parameter {_PRECISION!r} is {text!r}; use "fp32" or "fp16"')
+    return _PRECISIONS[text.strip().lower()]
 
 
 def load_model_spec(model_dir: Path) -> ModelSpec:
@@ -179,4 +191,5 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         versions=_versions(config),
         config=config,
         cuda_options=_cuda_options(config, path),
+        fp16=_fp16(config, path),
     )

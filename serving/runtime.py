@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serving.precision import float16_model
+
 __all__ = [
     "BucketRunner",
     "Device",
@@ -78,16 +80,17 @@ class ProviderSelector:
         return self._cuda_failed
 
     def session(
-        self, path: Path, options: ort.SessionOptions, cuda_options: Mapping[str, str] | None = None
+        self, model: Path | bytes, options: ort.SessionOptions, cuda_options: Mapping[str, str] | None = None
     ) -> ort.InferenceSession:
-        """Open ``path`` on CUDA if chosen and working, else on the CPU (``DeviceUnavailable`` for ``cuda``);
-        ``cuda_options`` are the model's own, over the process-wide ones."""
+        """Open ``model`` (a file, or one in memory) on CUDA if chosen and working, else on the CPU
+        (``DeviceUnavailable`` for ``cuda``); ``cuda_options`` are the model's own, over the process-wide ones."""
+        source = str(model) if isinstance(model, Path) else model
         if self._cuda_failed:
-            return ort.InferenceSession(str(path), options, providers=[_CPU])
+            return ort.InferenceSession(source, options, providers=[_CPU])
         ort.set_default_logger_severity(4)  # ONNX Runtime's own multi-line errors would drown our one line
         cuda = {**self.cuda_options, **(cuda_options or {})}
         try:
-            session = ort.InferenceSession(str(path), options, providers=[(_CUDA, cuda), _CPU])
+            session = ort.InferenceSession(source, options, providers=[(_CUDA, cuda), _CPU])
         finally:
             ort.set_default_logger_severity(_ORT_LOG_ERRORS)
         if _CUDA in session.get_providers():
@@ -157,7 +160,8 @@ class ModelRuntime:
     On CUDA each instance holds one session per bucket: ONNX Runtime's CUDA convolutions plan for the last
     input shape they saw, and re-planning on every change of batch size cost an H100 about 200 ms a batch once
     batches of mixed sizes arrived. A session that only ever sees one shape plans once, at warm-up. On the CPU
-    one session serves every batch size, unpadded.
+    one session serves every batch size, unpadded. ``fp16`` runs a float16 conversion of the file on CUDA
+    (``serving.precision``); the CPU runs the file as it is.
     """
 
     def __init__(
@@ -167,29 +171,39 @@ class ModelRuntime:
         max_batch_size: int,
         providers: ProviderSelector,
         cuda_options: Mapping[str, str] | None = None,
+        fp16: bool = False,
     ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
         options = self._options(providers, instance_count)
-        self.instances = [self._bucket_sessions(providers, options, cuda_options) for _ in range(instance_count)]
+        self.providers: list[str] = providers.session(path, options, cuda_options).get_providers()  # where it runs
+        on_cuda = _CUDA in self.providers
+        self.fp16 = fp16 and on_cuda
+        if fp16 and not on_cuda:
+            _log.info("%s: precision fp16 is for the GPU; the CPU runs the file in FP32", path)
+        model = float16_model(path) if self.fp16 else path
+        self.instances = [
+            self._bucket_sessions(providers, options, cuda_options, model, on_cuda) for _ in range(instance_count)
+        ]
         first = self.instances[0][self.buckets[0]]
-        self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
-        pad = _CUDA in self.providers
         self.runners = [
-            BucketRunner(sessions, self.input, self.output, max_batch_size, pad) for sessions in self.instances
+            BucketRunner(sessions, self.input, self.output, max_batch_size, on_cuda) for sessions in self.instances
         ]
 
     def _bucket_sessions(
-        self, providers: ProviderSelector, options: ort.SessionOptions, cuda_options: Mapping[str, str] | None
+        self,
+        providers: ProviderSelector,
+        options: ort.SessionOptions,
+        cuda_options: Mapping[str, str] | None,
+        model: Path | bytes,
+        on_cuda: bool,
     ) -> dict[int, ort.InferenceSession]:
-        first = providers.session(self.path, options, cuda_options)
-        if _CUDA not in first.get_providers():
-            return dict.fromkeys(self.buckets, first)
-        return {bucket: first if bucket == self.buckets[0] else providers.session(self.path, options, cuda_options)
-                for bucket in self.buckets}  # fmt: skip
+        if not on_cuda:
+            return dict.fromkeys(self.buckets, providers.session(model, options))
+        return {bucket: providers.session(model, options, cuda_options) for bucket in self.buckets}
 
     @staticmethod
     def _options(providers: ProviderSelector, instance_count: int) -> ort.SessionOptions:

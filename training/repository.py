@@ -33,6 +33,7 @@ class ServingConfig:
     batching: Batching
     input_name: str = "image"
     output_name: str = "probabilities"
+    gpu_fp16: bool = False  # our server runs the model in float16 on the GPU (Triton ignores the parameter)
 
 
 def _dims(values: tuple[int, ...]) -> str:
@@ -67,6 +68,7 @@ def render_config(config: ServingConfig) -> str:
         f"  default_queue_policy {{ max_queue_size: {batching.max_queue_size} }}\n"
         "}\n"
         f"instance_group [ {{ count: {batching.instance_count} kind: KIND_AUTO }} ]\n"
+        + ('parameters { key: "precision" value: { string_value: "fp16" } }\n' if config.gpu_fp16 else "")
     )
 
 

@@ -1,11 +1,10 @@
-"""The ceiling benchmark and the FP16 variant on the CPU: they run, measure every bucket and keep the served types."""
+"""The ceiling benchmark and the accuracy of the model variants on the CPU: they run and measure every bucket."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 
 from benchmarks import ceiling, onnx_variants
@@ -20,25 +19,14 @@ def test_ceiling_measures_every_small_bucket_on_the_cpu(
     ceiling.main([*repository, "--device", "cpu", "--seconds", "0.01", "--max-batch", "4", "--json", str(output)])
     document = json.loads(output.read_text())
     rows = {(row["variant"], row["batch"]): row for row in document["rows"]}
-    assert set(rows) == {(variant, batch) for variant in ("server", "iobinding") for batch in (1, 2, 4)}
+    assert set(rows) == {(variant, batch) for variant in ("server", "fp32", "iobinding") for batch in (1, 2, 4)}
+    assert not any(row["fp16"] for row in rows.values())
     assert all(row["images_per_s"] > 0 and row["runs"] >= 20 for row in rows.values())
     assert all(row["providers"] == ["CPUExecutionProvider"] for row in rows.values())
     assert rows["iobinding", 4]["max_abs_diff"] < 1e-5, "the bound buffers must hold the same batch and result"
     printed = capsys.readouterr().out
     assert "skipping cudagraph on the CPU: CUDA graphs are a CUDA provider feature" in printed
     assert f"onnxruntime {document['onnxruntime']}, --device cpu, providers ['CPUExecutionProvider']" in printed
-
-
-def test_to_fp16_keeps_the_served_input_and_output_types(repo_root: Path, tmp_path: Path) -> None:
-    """The server feeds uint8 and reads FP32, so only the weights and the compute inside may change."""
-    converted = onnx_variants.to_fp16(repo_root / "models/digits/1/model.onnx", tmp_path / "fp16.onnx")
-    model = onnx.load(str(converted))
-    ((image,), (probabilities,)) = model.graph.input, model.graph.output
-    assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert probabilities.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    weight_types = {initializer.data_type for initializer in model.graph.initializer}
-    assert onnx.TensorProto.FLOAT16 in weight_types
-    assert onnx.TensorProto.FLOAT not in weight_types
 
 
 def test_accuracy_runs_on_a_few_mnist_digits(

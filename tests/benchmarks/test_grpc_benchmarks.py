@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import onnx
 import pytest
 from google.protobuf import text_format
 
@@ -28,7 +27,7 @@ def _ratio_cells(table: str, server: str, columns: int) -> list[list[str]]:
 
 
 def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_path: Path) -> None:
-    """``baseline`` turns batching off; ``server:i2:d0:fp16`` sets instances and delay and converts the file."""
+    """``baseline`` turns batching off; ``server:i2:d0:fp16`` sets instances, delay and precision."""
     models = repo_root / "models"
     committed = _config(models, "digits")
 
@@ -41,8 +40,10 @@ def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_
     assert config.instance_group[0].count == 2
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.max_batch_size == committed.max_batch_size
-    weights = {tensor.data_type for tensor in onnx.load(str(variant / "digits/1/model.onnx")).graph.initializer}
-    assert onnx.TensorProto.FLOAT16 in weights
+    assert config.parameters["precision"].string_value == "fp16"
+    assert (variant / "digits/1/model.onnx").resolve() == (models / "digits/1/model.onnx").resolve()
+    fp32 = _config(server_repository(models, tmp_path, "catdog", "server:fp32"), "catdog")
+    assert fp32.parameters["precision"].string_value == "fp32"
 
     served = _config(server_repository(models, tmp_path, "digits", "server"), "digits")
     assert served == committed, "the plain server runs the committed, tuned config"
@@ -89,7 +90,8 @@ def test_perf_analyzer_drives_the_echo_server(repo_root: Path, tmp_path: Path, s
 
 
 def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path, tmp_path: Path) -> None:
-    """Server and baseline classify the photos without errors; /model divides by the ceiling file's best row."""
+    """Server and baseline classify the photos without errors; /model divides by the ceiling file's best row
+    at the precision the server ran: FP32 on the CPU, whatever the config asks of a GPU."""
     logs = tmp_path / "logs"
     ceiling = repo_root / "benchmarks/results/h200/ceiling.json"
     catdog_grpc.main(
@@ -106,8 +108,10 @@ def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path,
     assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
     ceilings = document["ceilings"]
     assert ceilings["decode_all_processes"] >= ceilings["decode_1_process"] > 0
-    assert ceilings["model_ceiling"] == catdog_grpc.model_ceiling(ceiling)
+    assert ceilings["model_ceilings"] == catdog_grpc.model_ceilings(ceiling)
+    assert set(ceilings["model_ceilings"]) == {"fp32", "fp16"}
+    assert {row["precision"] for row in rows} == {"fp32"}
     table = (logs / "catdog_grpc.txt").read_text()
     (to_decode, to_model), _ = _ratio_cells(table, "server", 2)
-    assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceiling"], abs=0.006)
+    assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceilings"]["fp32"], abs=0.006)
     assert float(to_decode) == pytest.approx(rows[0]["images_per_s"] / ceilings["decode_all_processes"], abs=0.006)

@@ -95,10 +95,10 @@ def test_a_vanished_engine_fails_the_batch_with_a_reason(
     remote.close()
 
 
-def test_a_model_with_its_own_cuda_options_loads_through_the_engine(engine: tuple[str, object]) -> None:
-    """The options travel in the handshake; on the CPU engine they change nothing in the answers."""
+def test_a_model_with_its_own_gpu_settings_loads_through_the_engine(engine: tuple[str, object]) -> None:
+    """CUDA options and FP16 travel in the handshake; on the CPU engine they change nothing in the answers."""
     address, _ = engine
-    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False, cuda_options=(("prefer_nhwc", "1"),))
+    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False, cuda_options=(("prefer_nhwc", "1"),), fp16=True)
     local = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
     images = np.random.default_rng(5).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     np.testing.assert_allclose(remote.runners[0](images), local.runners[0](images), atol=1e-6)

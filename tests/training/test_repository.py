@@ -26,6 +26,7 @@ CUSTOM = ServingConfig(
     ),
     input_name="pixels",
     output_name="scores",
+    gpu_fp16=True,
 )
 CONFIGS = [TASKS["digits"].serving, TASKS["catdog"].serving, CUSTOM]
 
@@ -66,6 +67,8 @@ def test_render_config_matches_triton_schema(config: ServingConfig) -> None:
     assert len(parsed.instance_group) == 1
     assert parsed.instance_group[0].count == config.batching.instance_count
     assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
+    precision = {"precision": "fp16"} if config.gpu_fp16 else {}
+    assert {key: value.string_value for key, value in parsed.parameters.items()} == precision
 
 
 def test_task_serving_configs_agree_with_tasks() -> None:
