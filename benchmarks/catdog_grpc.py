@@ -3,8 +3,8 @@
 The photos are the 1,000 validation photos, sent as the JPEG files they are; the server decodes, crops and
 batches them. Two ceilings bound the server:
 - decode: ``serving.images.decode_image`` on every core at once, in-process (what the CPU can prepare);
-- model: in-process ONNX Runtime at the server's precision (the ``precision`` column), from
-  ``benchmarks.ceiling --json``.
+- model: in-process ONNX Runtime at the precision the server ran (the ``precision`` column, from the
+  server's log), from ``benchmarks.ceiling --json``.
 The baseline is the same server with batching off (max batch 1, no delay) and one worker.
 
     python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
@@ -30,13 +30,13 @@ from benchmarks.harness import (
     environment,
     format_table,
     free_port,
+    is_baseline,
     sample_usage,
     server_command,
     server_repository,
     start_server,
 )
 from serving.images import InputSpec, ResizeMode, decode_image
-from serving.model_config import load_model_spec
 
 MODEL = "catdog"
 _SPEC = InputSpec(224, 224, 3, ResizeMode.CENTER_CROP)
@@ -72,25 +72,26 @@ def decode_ceiling(folder: Path, processes: int, seconds: float) -> float:
 
 
 def model_ceilings(path: Path | None) -> dict[str, float]:
-    """The best in-process images/s of the server's runtime for catdog per precision (``fp32``, ``fp16``),
-    from ``benchmarks.ceiling``'s rows that change nothing else. Rows from before the ``fp16`` field ran
-    float16 only in the ``fp16`` variant."""
-    rows = json.loads(path.read_text())["rows"] if path else []
-    rates: dict[str, float] = {}
-    for row in rows:
+    """The best in-process images/s for catdog per precision (``fp32``, ``fp16``), from ``benchmarks.ceiling``:
+    the ``server`` variant at the precision it ran (what the server runs), the ``fp32`` or ``fp16`` variant at
+    the other. Rows from before the ``fp16`` field ran float16 only in the ``fp16`` variant."""
+    best: dict[tuple[str, str], float] = {}
+    for row in json.loads(path.read_text())["rows"] if path else []:
         if row["model"] == MODEL and row["variant"] in ("server", "fp32", "fp16"):
-            precision = "fp16" if row.get("fp16", row["variant"] == "fp16") else "fp32"
-            rates[precision] = max(rates.get(precision, 0.0), row["images_per_s"])
-    return rates
+            key = (row["variant"], "fp16" if row.get("fp16", row["variant"] == "fp16") else "fp32")
+            best[key] = max(best.get(key, 0.0), row["images_per_s"])
+    ceilings = {precision: rate for (variant, precision), rate in best.items() if variant != "server"}
+    return ceilings | {precision: rate for (variant, precision), rate in best.items() if variant == "server"}
 
 
-def _ratio(rate: object, ceiling: float | None) -> float | None:
-    return float(rate) / ceiling if ceiling else None  # type: ignore[arg-type]
+def served_precision(log: Path) -> str:
+    """``fp16`` where the server's log says the model is ready in float16, else ``fp32``."""
+    ready = [line for line in log.read_text().splitlines() if f"model {MODEL} ready:" in line]
+    return "fp16" if ready and ready[-1].endswith(" in float16") else "fp32"
 
 
-def _precision(repository: Path, device: str) -> str:
-    """What the server runs: its config's precision on a GPU, float32 on the CPU."""
-    return "fp16" if load_model_spec(repository / MODEL).fp16 and device != "cpu" else "fp32"
+def _ratio(rate: float, ceiling: float | None) -> float | None:
+    return rate / ceiling if ceiling else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--servers",
         nargs="+",
         default=["server", "baseline"],
-        help="server (the committed config), baseline (no batching, one worker), or a variant of the server: "
-        "server:i2 (2 instances), server:fp16 (FP16 conversion), server:d0 (no queue delay), server:nhwc and "
-        "server:nchw (prefer_nhwc on, off), combined with ':'",
+        help="server (the committed config), baseline (no batching, one worker), with changes after colons: "
+        ":i2 (2 instances), :fp16 or :fp32 (precision on the GPU), :d0 (no queue delay), :nhwc or :nchw "
+        "(prefer_nhwc on, off)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
     parser.add_argument("--concurrency", type=int, default=128)
@@ -134,11 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         ceilings = model_ceilings(args.ceiling_json)
         for name in args.servers:
             repo = server_repository(args.model_repository, scratch, MODEL, name)
-            precision = _precision(repo, args.device)
-            workers = 1 if name == "baseline" else args.workers
+            workers = 1 if is_baseline(name) else args.workers
             port = free_port()
             command = server_command(repo, port, args.device, workers)
             server = start_server(name, command, port, SERVER_READY, workers, args.log_dir)
+            precision = served_precision(server.log)
             try:
                 for batch in args.batches:
                     for stream in (False, True):
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"],  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
-             _ratio(row["images_per_s"], ceilings.get(str(row["precision"])))]
+             _ratio(float(row["images_per_s"]), ceilings.get(str(row["precision"])))]  # type: ignore[arg-type]
             for row in rows
         ],
     )  # fmt: skip

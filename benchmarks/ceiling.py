@@ -84,11 +84,9 @@ class _Built:
 def _runtime(path: Path, spec: ModelSpec, device: Device, fp16: bool | None = None, **cuda: str) -> ModelRuntime:
     """One instance opened exactly as the server opens it, with ``cuda`` options over the server's own and
     ``fp16`` over the model's precision."""
-    providers = ProviderSelector(device)
-    if cuda:
-        providers = ProviderSelector(device, {**providers.cuda_options, **cuda})
     precision = spec.fp16 if fp16 is None else fp16
-    return ModelRuntime(path, 1, spec.max_batch_size, providers, dict(spec.cuda_options), precision)
+    options = {**dict(spec.cuda_options), **cuda}  # the variant's over the model's, over the process's
+    return ModelRuntime(path, 1, spec.max_batch_size, ProviderSelector(device), options, precision)
 
 
 def _as_served(runtime: ModelRuntime, buckets: Sequence[int]) -> _Built:

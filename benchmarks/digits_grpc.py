@@ -31,6 +31,7 @@ from benchmarks.harness import (
     environment,
     format_table,
     free_port,
+    is_baseline,
     perf_analyzer,
     sample_usage,
     server_command,
@@ -51,7 +52,7 @@ def _servers(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[st
             tuned = server_repository(args.model_repository, scratch, MODEL, "server")
             commands[name] = (echo_command(tuned, port, args.workers), port, ECHO_READY, args.workers)
         else:
-            workers = 1 if name == "baseline" else args.workers
+            workers = 1 if is_baseline(name) else args.workers
             repo = server_repository(args.model_repository, scratch, MODEL, name)
             commands[name] = (server_command(repo, port, args.device, workers), port, SERVER_READY, workers)
     return commands

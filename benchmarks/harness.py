@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,13 +33,17 @@ __all__ = [
     "classify_bench",
     "format_table",
     "free_port",
+    "is_baseline",
     "perf_analyzer",
     "repository",
     "sample_usage",
+    "server_command",
+    "server_repository",
     "start_server",
 ]
 
 _READY_TIMEOUT = 300.0
+_CHANGE = re.compile(r"i(?P<instances>\d+)|d(?P<delay>\d+)|(?P<precision>fp16|fp32)|(?P<layout>nhwc|nchw)")
 
 
 @dataclass
@@ -108,20 +113,40 @@ def repository(
     return target
 
 
+def is_baseline(name: str) -> bool:
+    """``baseline`` and its variants: batching off, one worker."""
+    return name.split(":")[0] == "baseline"
+
+
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
-    """The repository for a named server: ``baseline`` (batching off), ``server`` (the committed config), or
-    ``server`` with changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32``
-    the precision on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off."""
-    changes = name.split(":")[1:]
+    """The repository for a named server: ``server`` (the committed config) or ``baseline`` (batching off), with
+    changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32`` the precision
+    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off.
+
+    Raises:
+        ValueError: an unknown name or change, or one setting changed twice.
+    """
+    base, *changes = name.split(":")
+    if base not in ("server", "baseline"):
+        raise ValueError(f"server {name!r}: the name starts with server or baseline")
+    settings: dict[str, str] = {}
+    for change in changes:
+        match = _CHANGE.fullmatch(change)
+        if match is None:
+            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw)")
+        ((setting, value),) = ((key, value) for key, value in match.groupdict().items() if value is not None)
+        if setting in settings:
+            raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
+        settings[setting] = value
     return repository(
         source,
         scratch / name.replace(":", "-"),
         [model],
-        batching=name != "baseline",
-        instances=next((int(c[1:]) for c in changes if c.startswith("i")), None),
-        delay_us=next((int(c[1:]) for c in changes if c.startswith("d")), None),
-        fp16={"fp16": True, "fp32": False}.get(next((c for c in changes if c in ("fp16", "fp32")), "")),
-        prefer_nhwc={"nhwc": True, "nchw": False}.get(next((c for c in changes if c in ("nhwc", "nchw")), "")),
+        batching=base == "server",
+        instances=int(settings["instances"]) if "instances" in settings else None,
+        delay_us=int(settings["delay"]) if "delay" in settings else None,
+        fp16={"fp16": True, "fp32": False}.get(settings.get("precision", "")),
+        prefer_nhwc={"nhwc": True, "nchw": False}.get(settings.get("layout", "")),
     )
 
 
@@ -174,7 +199,7 @@ class Usage:
     """CPU and GPU use over one load run."""
 
     server_cores: float = 0.0  # CPU seconds of the server's processes per second of wall time
-    process_cores: list[float] = field(default_factory=list)  # the same per process, in the order of the pids
+    process_cores: dict[int, float] = field(default_factory=dict)  # the same per pid (the server log names roles)
     box_percent: float = 0.0  # all cores, busy time, in percent
     gpu_percent: float | None = None  # nvidia-smi utilization.gpu, mean of its samples; None without a GPU
 
@@ -195,8 +220,8 @@ def sample_usage(pids: Sequence[int]) -> Iterator[Usage]:
     finally:
         elapsed = time.perf_counter() - started
         spent = [_cpu_seconds(p) - before for p, before in zip(processes, cpu_before, strict=True)]
-        usage.process_cores = [seconds / elapsed for seconds in spent]
-        usage.server_cores = sum(usage.process_cores)
+        usage.process_cores = {p.pid: seconds / elapsed for p, seconds in zip(processes, spent, strict=True)}
+        usage.server_cores = sum(usage.process_cores.values())
         box_after = psutil.cpu_times()
         busy = sum(box_after) - sum(box_before) - (box_after.idle - box_before.idle)
         usage.box_percent = 100.0 * busy / max(1e-9, sum(box_after) - sum(box_before))

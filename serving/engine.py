@@ -93,7 +93,8 @@ class _Engine:
                     Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options), key.fp16
                 )
                 runtime.warm_up()
-                _log.info("engine loaded %s on %s", key.path, ", ".join(runtime.providers))
+                where = ", ".join(runtime.providers) + " in float16" * runtime.fp16
+                _log.info("engine loaded %s on %s", key.path, where)
                 mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]
                 loaded = self.loaded[key] = _Loaded(runtime, mergers)
             loaded.users += 1
@@ -123,7 +124,8 @@ class _Engine:
                 return
             try:
                 runtime = loaded.runtime
-                send_json(connection, {"providers": runtime.providers, "input": _tensor_json(runtime.input),
+                send_json(connection, {"providers": runtime.providers, "fp16": runtime.fp16,
+                                       "input": _tensor_json(runtime.input),
                                        "output": _tensor_json(runtime.output)})  # fmt: skip
                 _, fds, _, _ = socket.recv_fds(connection, 1, 1)
                 if not fds:

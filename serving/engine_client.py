@@ -40,6 +40,7 @@ class _Instance:
             if "error" in answer:
                 raise (DeviceUnavailable if answer.get("device_unavailable") else EngineError)(answer["error"])
             self.providers: list[str] = answer["providers"]
+            self.fp16: bool = answer["fp16"]
             self.input, self.output = tensor_of(answer["input"]), tensor_of(answer["output"])
             image_shape, classes = self.input.shape[1:], self.output.shape[1]
             input_bytes = key.max_batch_size * int(np.prod(image_shape))
@@ -116,7 +117,7 @@ class RemoteRuntime:
             self.close()
             raise
         first = self._instances[0]
-        self.providers, self.input, self.output = first.providers, first.input, first.output
+        self.providers, self.fp16, self.input, self.output = first.providers, first.fp16, first.input, first.output
         self.runners = [instance.run for instance in self._instances]
 
     def warm_up(self) -> None:

@@ -124,11 +124,14 @@ def _versions(config: mc.ModelConfig) -> VersionPolicy:
     return VersionPolicy()  # "all", and our default: every version folder side by side
 
 
-def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], ...]:
-    """The ``parameters`` this server passes to ONNX Runtime's CUDA provider; others (NVIDIA Triton's backend
-    settings) are left to the servers that read them."""
+def _log_unused_parameters(config: mc.ModelConfig, path: Path) -> None:
+    """Parameters for other servers (NVIDIA Triton's backend settings) are left to the servers that read them."""
     for key in sorted(set(config.parameters) - set(_PARAMETERS)):
         _log.info("%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(_PARAMETERS))
+
+
+def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], ...]:
+    """The ``parameters`` this server passes to ONNX Runtime's CUDA provider."""
     options = []
     for key in _CUDA_PARAMETERS:
         if key not in config.parameters:
@@ -141,6 +144,7 @@ def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], 
 
 
 def _fp16(config: mc.ModelConfig, path: Path) -> bool:
+    """Whether the model asks to run in float16 on the GPU; any precision but fp32 and fp16 is a config error."""
     if _PRECISION not in config.parameters:
         return False
     text = config.parameters[_PRECISION].string_value
@@ -171,6 +175,7 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
     dynamic = config.dynamic_batching
     queue = dynamic.default_queue_policy
     instance_count = sum(max(1, group.count) for group in config.instance_group) or 1
+    _log_unused_parameters(config, path)
     return ModelSpec(
         name=model_dir.name,
         input_name=input_name,

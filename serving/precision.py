@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
-from onnxruntime.transformers.float16 import convert_float_to_float16
-
 __all__ = ["float16_model"]
 
 
 def float16_model(path: Path) -> bytes:
     """The model at ``path`` with float16 weights and compute, its input and output types as they were."""
+    # Imported here, by the processes that convert: ONNX Runtime's converter package puts its own folder on
+    # sys.path when imported, and FP32 models need neither it nor onnx.
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
     onnx.checker.check_model(model)  # a broken conversion fails here, at load, not as an obscure run error
     return model.SerializeToString()

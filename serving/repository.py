@@ -150,8 +150,14 @@ class ModelRepository:
             previous, self._models[name] = model.versions, _Model(versions=versions, state=ModelState.READY)
             for old in previous.values():
                 await old.close(self.drain_grace)
-            providers = next(iter(versions.values())).runtime.providers
-            _log.info("model %s ready: versions %s on %s", name, sorted(versions), ", ".join(providers))
+            runtime = next(iter(versions.values())).runtime
+            _log.info(
+                "model %s ready: versions %s on %s%s",
+                name,
+                sorted(versions),
+                ", ".join(runtime.providers),
+                " in float16" * runtime.fp16,
+            )
 
     async def _load_versions(self, name: str) -> dict[int, ModelVersion]:
         model_dir = self.root / name

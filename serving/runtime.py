@@ -176,17 +176,18 @@ class ModelRuntime:
         self.path = path
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
-        options = self._options(providers, instance_count)
-        self.providers: list[str] = providers.session(path, options, cuda_options).get_providers()  # where it runs
-        on_cuda = _CUDA in self.providers
+        probe = providers.session(path, ort.SessionOptions(), cuda_options)  # finds out where the model runs
+        on_cuda = _CUDA in probe.get_providers()
         self.fp16 = fp16 and on_cuda
         if fp16 and not on_cuda:
             _log.info("%s: precision fp16 is for the GPU; the CPU runs the file in FP32", path)
+        options = self._options(providers, instance_count)  # after the probe: a failed CUDA is known by now
         model = float16_model(path) if self.fp16 else path
         self.instances = [
             self._bucket_sessions(providers, options, cuda_options, model, on_cuda) for _ in range(instance_count)
         ]
         first = self.instances[0][self.buckets[0]]
+        self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
         self.runners = [

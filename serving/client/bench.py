@@ -132,7 +132,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, common: argparse.Ar
         type=_positive_int,
         default=16,
         help="with --stream: the most requests in flight on one stream; each process opens as few streams as "
-        "that allows for its share of C, and one on each of its connections at least [default: 16]",
+        "that allows for its share of C, the same number on each of its connections [default: 16]",
     )
     parser.add_argument(
         "--processes",
@@ -463,9 +463,10 @@ class _Load:
 
 def _stream_depths(plan: _Plan) -> list[int]:
     """Requests in flight on each of a process's streams, evenly filled: as few streams as --stream-depth allows,
-    but one on each connection at least (a server whose workers share a port by connection leaves a worker
-    without a stream idle)."""
-    streams = min(plan.concurrency, max(math.ceil(plan.concurrency / plan.stream_depth), plan.channels))
+    rounded up to the same number on every connection (a server whose workers share a port by connection
+    leaves a worker without a stream idle), and no more streams than requests."""
+    needed = math.ceil(plan.concurrency / plan.stream_depth)
+    streams = min(plan.concurrency, math.ceil(needed / plan.channels) * plan.channels)
     return [plan.concurrency // streams + (i < plan.concurrency % streams) for i in range(streams)]
 
 

@@ -44,9 +44,34 @@ def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_
     assert (variant / "digits/1/model.onnx").resolve() == (models / "digits/1/model.onnx").resolve()
     fp32 = _config(server_repository(models, tmp_path, "catdog", "server:fp32"), "catdog")
     assert fp32.parameters["precision"].string_value == "fp32"
+    fp32_baseline = _config(server_repository(models, tmp_path, "catdog", "baseline:fp32"), "catdog")
+    assert fp32_baseline.max_batch_size == 1
+    assert fp32_baseline.parameters["precision"].string_value == "fp32"
 
     served = _config(server_repository(models, tmp_path, "digits", "server"), "digits")
     assert served == committed, "the plain server runs the committed, tuned config"
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("server:fp61", "unknown change 'fp61'"), ("server:fp16:fp32", "changes the precision again"),
+     ("fast", "starts with server or baseline")],
+)  # fmt: skip
+def test_a_server_name_that_says_nothing_clear_is_refused(
+    repo_root: Path, tmp_path: Path, name: str, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        server_repository(repo_root / "models", tmp_path, "digits", name)
+
+
+def test_model_ceilings_take_the_server_at_its_precision_and_a_variant_at_the_other(repo_root: Path) -> None:
+    """Before FP16 serving the server ran FP32 and only the fp16 variant FP16; after, the server is FP16."""
+    results = repo_root / "benchmarks/results/h200"
+    before = catdog_grpc.model_ceilings(results / "ceiling.json")
+    after = catdog_grpc.model_ceilings(results / "fp16-served/ceiling-catdog.json")
+    assert before == pytest.approx({"fp32": 8786.41, "fp16": 11157.05}, abs=0.01)
+    assert after == pytest.approx({"fp32": 8767.96, "fp16": 11855.05}, abs=0.01)
+    assert catdog_grpc.model_ceilings(None) == {}
 
 
 def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Path, tmp_path: Path) -> None:
@@ -64,7 +89,7 @@ def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Pat
     assert all((logs / row["raw"]).is_file() for row in rows)
     assert all(row["usage"]["server_cores"] > 0 for row in rows), "the server's CPU time is sampled"
     for row in rows:  # each process apart too, so uneven workers show
-        assert row["usage"]["server_cores"] == pytest.approx(sum(row["usage"]["process_cores"]))
+        assert row["usage"]["server_cores"] == pytest.approx(sum(row["usage"]["process_cores"].values()))
 
     rates = {(row["server"], row["mode"]): row["images_per_s"] for row in rows}
     table = (logs / "digits_grpc.txt").read_text()
@@ -108,10 +133,18 @@ def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path,
     assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
     ceilings = document["ceilings"]
     assert ceilings["decode_all_processes"] >= ceilings["decode_1_process"] > 0
-    assert ceilings["model_ceilings"] == catdog_grpc.model_ceilings(ceiling)
-    assert set(ceilings["model_ceilings"]) == {"fp32", "fp16"}
-    assert {row["precision"] for row in rows} == {"fp32"}
+    assert ceilings["model_ceilings"] == pytest.approx({"fp32": 8786.41, "fp16": 11157.05}, abs=0.01)
+    assert {row["precision"] for row in rows} == {"fp32"}, "the committed FP16 config runs FP32 on the CPU"
     table = (logs / "catdog_grpc.txt").read_text()
     (to_decode, to_model), _ = _ratio_cells(table, "server", 2)
     assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceilings"]["fp32"], abs=0.006)
     assert float(to_decode) == pytest.approx(rows[0]["images_per_s"] / ceilings["decode_all_processes"], abs=0.006)
+
+
+def test_the_precision_column_is_what_the_server_logged(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    ready = "INFO serving.repository: model catdog ready: versions [1] on CUDAExecutionProvider, CPUExecutionProvider"
+    log.write_text(f"{ready} in float16\n")
+    assert catdog_grpc.served_precision(log) == "fp16"
+    log.write_text(f"{ready}\n")
+    assert catdog_grpc.served_precision(log) == "fp32"

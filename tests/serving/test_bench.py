@@ -178,14 +178,29 @@ def test_exact_request_count_across_processes(
     assert summary["warmup_s"] == 0
 
 
-def test_streams_cover_every_connection(bench_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    """Workers share the port by connection: each of a process's --channels carries a stream, even when
-    --stream-depth would fit its share of the concurrency on fewer."""
-    argv = ["--server", bench_server.address, "--model", "digits", "--stream", "--requests", "40"]
-    status, summary = run_json(capsys, *argv, "--concurrency", "8", "--processes", "2", "--channels", "3")
+@pytest.mark.parametrize(
+    ("concurrency", "channels", "streams", "depth"),
+    [(8, 3, 6, 2),  # 4 a process: one stream on each of 3 connections, 2 + 1 + 1
+     (96, 2, 8, 12),  # 48 a process fit 3 streams of 16: 4 of 12, two on each connection
+     (2, 3, 2, 1)],  # 1 a process: one stream, however many connections
+)  # fmt: skip
+def test_streams_spread_evenly_over_the_connections(
+    bench_server: ServerProcess,
+    capsys: pytest.CaptureFixture[str],
+    concurrency: int,
+    channels: int,
+    streams: int,
+    depth: int,
+) -> None:
+    """Workers share the port by connection: each of a process's --channels carries as many streams as the
+    next, even when --stream-depth would fit its share of the concurrency on fewer."""
+    argv = ["--server", bench_server.address, "--model", "digits", "--stream", "--requests", "120"]
+    status, summary = run_json(
+        capsys, *argv, "--concurrency", str(concurrency), "--processes", "2", "--channels", str(channels)
+    )
     assert status == 0
     _assert_clean_run(summary)
-    assert (summary["streams"], summary["stream_depth"]) == (6, 2)  # 4 a process: on 3 streams, 2 + 1 + 1
+    assert (summary["streams"], summary["stream_depth"]) == (streams, depth)
 
 
 def test_json_has_the_documented_fields(bench_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:

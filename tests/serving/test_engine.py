@@ -102,4 +102,5 @@ def test_a_model_with_its_own_gpu_settings_loads_through_the_engine(engine: tupl
     local = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
     images = np.random.default_rng(5).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     np.testing.assert_allclose(remote.runners[0](images), local.runners[0](images), atol=1e-6)
+    assert remote.fp16 is False, "the CPU runs the FP32 file"
     remote.close()

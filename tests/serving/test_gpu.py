@@ -44,10 +44,12 @@ def _classify(stub: classify_pb2_grpc.ClassifierStub, model: str, images: list[p
 def test_both_models_serve_correctly_on_cuda(
     start_server: object, mnist_test_split: MnistSplit, photo_set: PhotoSet, tmp_path: Path
 ) -> None:
-    """The production path: the committed models, their committed configs, the CUDA provider."""
+    """The production path: the committed models, their committed configs (cat/dog in FP16), the CUDA provider."""
     server: ServerProcess = start_server("--model-repository", str(REPO_ROOT / "models"), "--device", "cuda")  # type: ignore[operator]
-    assert "model digits ready: versions [1] on CUDAExecutionProvider" in server.log
-    assert "model catdog ready: versions [1] on CUDAExecutionProvider" in server.log
+    on_cuda = "versions [1] on CUDAExecutionProvider, CPUExecutionProvider"
+    assert f"model digits ready: {on_cuda}" in server.log
+    assert f"model digits ready: {on_cuda} in float16" not in server.log
+    assert f"model catdog ready: {on_cuda} in float16" in server.log
     digits = mnist_test_split.images[:1000, :, :, None]
     photos = photo_set.splits["val"]
     with grpc.insecure_channel(server.address) as channel:

@@ -13,15 +13,26 @@ import onnx
 import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
+from prometheus_client import CollectorRegistry
 
-from serving.engine import ModelKey
+from serving import runtime
+from serving.engine import ModelKey, _Engine
+from serving.metrics import Metrics
 from serving.model_config import ConfigError, load_model_spec
 from serving.precision import float16_model
 from serving.protos.inference import model_config_pb2
+from serving.repository import ModelRepository
 from serving.runtime import Device, ModelRuntime, ProviderSelector
 from tests.serving.conftest import REPO_ROOT
 
 DIGITS = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"
+
+
+@pytest.fixture
+def cpu_as_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path on a machine without one: the CPU provider stands in for CUDA (CUDA's own run of the same
+    path is tests/serving/test_gpu.py)."""
+    monkeypatch.setattr(runtime, "_CUDA", "CPUExecutionProvider")
 
 
 def _digits_with_precision(tmp_path: Path, value: str) -> Path:
@@ -77,6 +88,46 @@ def test_the_cpu_runs_the_fp32_file_and_says_so(caplog: pytest.LogCaptureFixture
     assert configured.fp16 is False
     np.testing.assert_array_equal(configured.runners[0](images), plain.runners[0](images))
     assert "precision fp16 is for the GPU; the CPU runs the file in FP32" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate provider")
+@pytest.mark.usefixtures("cpu_as_gpu")
+def test_on_the_gpu_path_every_bucket_runs_the_conversion() -> None:
+    images = np.random.default_rng(6).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    converted = ModelRuntime(DIGITS, 2, 8, ProviderSelector(Device.CPU), fp16=True)
+    plain = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
+    assert converted.fp16
+    assert not plain.fp16
+    assert all(len(set(map(id, sessions.values()))) == len(converted.buckets) for sessions in converted.instances)
+    outputs = converted.runners[1](images)
+    np.testing.assert_allclose(outputs, plain.runners[0](images), atol=1e-2)
+    assert not np.array_equal(outputs, plain.runners[0](images)), "float16 rounds differently from float32"
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate provider")
+@pytest.mark.usefixtures("cpu_as_gpu")
+def test_the_engine_loads_a_key_in_the_precision_it_names() -> None:
+    engine = _Engine(Device.CPU)
+    for fp16 in (True, False):
+        key = ModelKey(str(DIGITS), 1, 4, False, DIGITS.stat().st_mtime_ns, fp16=fp16)
+        assert engine.acquire(key).runtime.fp16 is fp16
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:Duplicate provider")
+@pytest.mark.usefixtures("cpu_as_gpu")
+async def test_a_repository_serves_the_precision_its_config_asks_for_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _digits_with_precision(tmp_path, "fp16").parent
+    repository = ModelRepository(root, ProviderSelector(Device.CPU), Metrics(CollectorRegistry()))
+    with caplog.at_level(logging.INFO, logger="serving.repository"):
+        await repository.load("digits")
+    try:
+        assert repository.get("digits").runtime.fp16
+        assert "model digits ready: versions [1] on CPUExecutionProvider in float16" in caplog.text
+    finally:
+        await repository.close()
 
 
 def test_the_engine_key_keeps_the_precision_through_json() -> None:

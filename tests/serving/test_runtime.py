@@ -1,11 +1,14 @@
-"""BucketRunner: padded runs give each image the answer it gets alone, without copying where it need not."""
+"""BucketRunner: padded runs give each image the answer it gets alone, without copying where it need not; and
+the CPU fallback's sessions."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector
 
@@ -43,3 +46,12 @@ def test_run_rows_reads_a_full_buffer_in_place_whatever_its_padding_rows_hold() 
     runner, unpadded = _padding_runner(16)
     buffer = _digits(16, 4)  # rows 5..7 are someone else's images: padding for a batch of 5
     np.testing.assert_allclose(runner.run_rows(buffer, 5), unpadded.runners[0](buffer[:5]), atol=1e-6)
+
+
+def test_a_cpu_fallback_shares_the_cores_from_the_first_model_on() -> None:
+    """Under ``auto`` the first session finds CUDA missing; every session then splits the cores by instance."""
+    loaded = ModelRuntime(DIGITS, 2, 4, ProviderSelector(Device.AUTO))
+    if loaded.providers != ["CPUExecutionProvider"]:
+        pytest.skip("CUDA runs here: there is no fallback to see")
+    threads = {sessions[1].get_session_options().intra_op_num_threads for sessions in loaded.instances}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
