@@ -25,17 +25,15 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
 from benchmarks.harness import (
-    SERVER_READY,
     classify_bench,
     environment,
     format_table,
-    free_port,
     is_baseline,
     sample_usage,
-    server_command,
     server_repository,
-    start_server,
+    start_classify_server,
 )
+from benchmarks.worker_metrics import idle_workers
 from serving.images import InputSpec, ResizeMode, decode_image
 
 MODEL = "catdog"
@@ -136,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.servers:
             repo = server_repository(args.model_repository, scratch, MODEL, name)
             workers = 1 if is_baseline(name) else args.workers
-            port = free_port()
-            command = server_command(repo, port, args.device, workers)
-            server = start_server(name, command, port, SERVER_READY, workers, args.log_dir)
+            server = start_classify_server(name, repo, args.device, workers, args.log_dir)
             precision = served_precision(server.log)
             try:
                 for batch in args.batches:
@@ -149,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         bench += ["--channels", str(args.bench_channels)]
                         bench += ["--stream"] if stream else []
                         tag = f"{name.replace(':', '-')}.b{batch}.{mode}"
-                        with sample_usage(server.pids()) as usage:
-                            result = classify_bench(f"127.0.0.1:{port}", MODEL, bench, args.log_dir, tag, args.duration)
+                        with sample_usage(server) as usage:
+                            address = f"127.0.0.1:{server.port}"
+                            result = classify_bench(address, MODEL, bench, args.log_dir, tag, args.duration)
                         result.usage = usage
                         row = {"server": name, "precision": precision, "batch": batch, "mode": mode}
                         rows.append(row | asdict(result))
@@ -161,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
         ["server", "precision", "batch", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors", "srv cores",
-         "box cpu%", "gpu%", "/decode", "/model"],
+         "box cpu%", "gpu%", "idle wkrs", "/decode", "/model"],
         [
             [row["server"], row["precision"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"],
              row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
-             row["usage"]["gpu_percent"],  # type: ignore[index]
+             row["usage"]["gpu_percent"], idle_workers(row["usage"]["workers"]),  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
              _ratio(float(row["images_per_s"]), ceilings.get(str(row["precision"])))]  # type: ignore[arg-type]
             for row in rows

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from benchmarks.harness import (
     ECHO_READY,
-    SERVER_READY,
     LoadResult,
     Server,
     classify_bench,
@@ -34,28 +33,25 @@ from benchmarks.harness import (
     is_baseline,
     perf_analyzer,
     sample_usage,
-    server_command,
     server_repository,
+    start_classify_server,
     start_server,
 )
+from benchmarks.worker_metrics import idle_workers
 
 MODEL = "digits"
 _MODES = {"unary": False, "stream": True}
 
 
-def _servers(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[str], int, str, int]]:
-    """Each server to measure: its command, port, ready line and how many times that line appears."""
-    commands: dict[str, tuple[list[str], int, str, int]] = {}
-    for name in args.servers:
+def _start(args: argparse.Namespace, scratch: Path, name: str) -> Server:
+    """Start one server to measure: the echo server, or ours on a named repository."""
+    if name == "echo":
+        tuned = server_repository(args.model_repository, scratch, MODEL, "server")
         port = free_port()
-        if name == "echo":
-            tuned = server_repository(args.model_repository, scratch, MODEL, "server")
-            commands[name] = (echo_command(tuned, port, args.workers), port, ECHO_READY, args.workers)
-        else:
-            workers = 1 if is_baseline(name) else args.workers
-            repo = server_repository(args.model_repository, scratch, MODEL, name)
-            commands[name] = (server_command(repo, port, args.device, workers), port, SERVER_READY, workers)
-    return commands
+        return start_server(name, echo_command(tuned, port, args.workers), port, ECHO_READY, args.workers, args.log_dir)
+    workers = 1 if is_baseline(name) else args.workers
+    repo = server_repository(args.model_repository, scratch, MODEL, name)
+    return start_classify_server(name, repo, args.device, workers, args.log_dir)
 
 
 def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]]:
@@ -69,7 +65,7 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
     for mode in args.modes:
         for concurrency in args.concurrency if args.perf_analyzer else ():
             tag = f"{server.name.replace(':', '-')}.kserve.{mode}.c{concurrency}"
-            with sample_usage(server.pids()) as usage:
+            with sample_usage(server) as usage:
                 result = perf_analyzer(
                     args.perf_analyzer, MODEL, server.port, concurrency, _MODES[mode], args.log_dir, tag
                 )
@@ -80,7 +76,7 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
             bench_args = ["--api", api, "--concurrency", str(args.bench_concurrency)]
             bench_args += ["--processes", str(args.bench_processes), "--channels", str(args.bench_channels)]
             bench_args += ["--stream"] if _MODES[mode] else []
-            with sample_usage(server.pids()) as usage:
+            with sample_usage(server) as usage:
                 result = classify_bench(f"127.0.0.1:{server.port}", MODEL, bench_args, args.log_dir, tag, args.duration)
             result.usage = usage
             record("classify bench", api, mode, args.bench_concurrency, result)
@@ -103,14 +99,14 @@ def _table(rows: list[dict[str, object]]) -> str:
             [
                 row["server"], row["generator"], row["api"], row["mode"], row["concurrency"], rate,
                 row["p50_ms"], row["p90_ms"], row["p99_ms"], row["errors"], usage["server_cores"],
-                usage["box_percent"], usage["gpu_percent"],
+                usage["box_percent"], usage["gpu_percent"], idle_workers(usage["workers"]),
                 rate / float(echo["images_per_s"]) if echo else None,  # type: ignore[arg-type]
                 rate / float(baseline["images_per_s"]) if baseline else None,  # type: ignore[arg-type]
             ]
         )  # fmt: skip
     headers = [
         "server", "load", "api", "mode", "conc", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-        "srv cores", "box cpu%", "gpu%", "/echo", "/baseline",
+        "srv cores", "box cpu%", "gpu%", "idle wkrs", "/echo", "/baseline",
     ]  # fmt: skip
     return format_table(headers, lines)
 
@@ -141,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps({"environment": environment(), "workers": args.workers, "log_dir": str(args.log_dir)}))
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (command, port, ready, count) in _servers(args, Path(scratch)).items():
-            server = start_server(name, command, port, ready, count, args.log_dir)
+        for name in args.servers:
+            server = _start(args, Path(scratch), name)
             try:
                 rows += _measure(args, server)
             finally:

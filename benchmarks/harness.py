@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 from google.protobuf import text_format
 
+from benchmarks.worker_metrics import WorkerShare, free_port_run, scrape, share
 from serving.protos.inference import model_config_pb2 as mc
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "sample_usage",
     "server_command",
     "server_repository",
+    "start_classify_server",
     "start_server",
 ]
 
@@ -54,6 +56,7 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    metrics_ports: tuple[int, ...] = ()  # one per worker; none for the echo server
 
     def pids(self) -> list[int]:
         """The parent and every worker: all their CPU time is the server's."""
@@ -150,11 +153,11 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
     )
 
 
-def server_command(repository: Path, port: int, device: str, workers: int) -> list[str]:
-    """``classify-server`` on ``repository``, loopback only, without the metrics port."""
+def server_command(repository: Path, port: int, device: str, workers: int, metrics_port: int = 0) -> list[str]:
+    """``classify-server`` on ``repository``, loopback only; worker i serves metrics on ``metrics_port`` + i."""
     return [
         sys.executable, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", "0", "--device", device, "--workers", str(workers),
+        "--port", str(port), "--metrics-port", str(metrics_port), "--device", device, "--workers", str(workers),
         "--log-level", "info",
     ]  # fmt: skip
 
@@ -179,12 +182,20 @@ def free_port() -> int:
         return port
 
 
-def start_server(name: str, command: Sequence[str], port: int, ready_line: str, count: int, log_dir: Path) -> Server:
+def start_server(
+    name: str,
+    command: Sequence[str],
+    port: int,
+    ready_line: str,
+    count: int,
+    log_dir: Path,
+    metrics_ports: Sequence[int] = (),
+) -> Server:
     """Start ``command`` and wait until its log holds ``ready_line`` ``count`` times (once per worker)."""
     log = log_dir / f"{name.replace(':', '-')}.server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(name, process, port, log)
+    server = Server(name, process, port, log, tuple(metrics_ports))
     give_up = time.monotonic() + _READY_TIMEOUT
     while log.read_text(errors="replace").count(ready_line) < count:
         if process.poll() is not None or time.monotonic() > give_up:
@@ -192,6 +203,13 @@ def start_server(name: str, command: Sequence[str], port: int, ready_line: str, 
             raise RuntimeError(f"{name} did not get ready; its log {log}:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
     return server
+
+
+def start_classify_server(name: str, repository: Path, device: str, workers: int, log_dir: Path) -> Server:
+    """``classify-server`` on ``repository`` on free ports, each worker's metrics on one of its own."""
+    port, metrics = free_port(), free_port_run(workers)
+    command = server_command(repository, port, device, workers, metrics)
+    return start_server(name, command, port, SERVER_READY, workers, log_dir, range(metrics, metrics + workers))
 
 
 @dataclass
@@ -202,14 +220,17 @@ class Usage:
     process_cores: dict[int, float] = field(default_factory=dict)  # the same per pid (the server log names roles)
     box_percent: float = 0.0  # all cores, busy time, in percent
     gpu_percent: float | None = None  # nvidia-smi utilization.gpu, mean of its samples; None without a GPU
+    workers: list[WorkerShare] = field(default_factory=list)  # each worker's requests and where their time went
 
 
 @contextlib.contextmanager
-def sample_usage(pids: Sequence[int]) -> Iterator[Usage]:
-    """Measure ``pids``' CPU time (in all and each apart: workers share the port by connection, so their loads
-    can differ), the whole box's and the GPU's utilisation while the block runs."""
+def sample_usage(server: Server) -> Iterator[Usage]:
+    """Measure the server's CPU time (in all and per process: workers share the port by connection, so their
+    loads can differ), each worker's share from its metrics, the whole box's and the GPU's utilisation while
+    the block runs."""
     usage = Usage()
-    processes = [psutil.Process(pid) for pid in pids]
+    processes = [psutil.Process(pid) for pid in server.pids()]
+    metrics_before = [scrape(port) for port in server.metrics_ports]
     gpu_samples: list[float] = []
     sampler = _GpuSampler(gpu_samples) if shutil.which("nvidia-smi") else None
     box_before = psutil.cpu_times()
@@ -222,6 +243,9 @@ def sample_usage(pids: Sequence[int]) -> Iterator[Usage]:
         spent = [_cpu_seconds(p) - before for p, before in zip(processes, cpu_before, strict=True)]
         usage.process_cores = {p.pid: seconds / elapsed for p, seconds in zip(processes, spent, strict=True)}
         usage.server_cores = sum(usage.process_cores.values())
+        usage.workers = [
+            share(port, before, scrape(port)) for port, before in zip(server.metrics_ports, metrics_before, strict=True)
+        ]
         box_after = psutil.cpu_times()
         busy = sum(box_after) - sum(box_before) - (box_after.idle - box_before.idle)
         usage.box_percent = 100.0 * busy / max(1e-9, sum(box_after) - sum(box_before))

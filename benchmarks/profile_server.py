@@ -27,13 +27,10 @@ import psutil
 
 from benchmarks.catdog_grpc import extract_validation_photos
 from benchmarks.harness import (
-    SERVER_READY,
     Server,
-    free_port,
     repository,
     sample_usage,
-    server_command,
-    start_server,
+    start_classify_server,
 )
 
 _WORKERS_STARTED = re.compile(r"pids \[([\d, ]+)\]; engine pid (\d+)")
@@ -123,16 +120,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             (Path(scratch) / "photos").mkdir()
             photos = extract_validation_photos(args.photos, Path(scratch) / "photos")
         repo = repository(args.model_repository, Path(scratch) / "models", [args.model])
-        port = free_port()
-        command = server_command(repo, port, args.device, args.workers)
-        server = start_server(f"profile.{tag}", command, port, SERVER_READY, args.workers, log_dir)
+        server = start_classify_server(f"profile.{tag}", repo, args.device, args.workers, log_dir)
+        port = server.port
         try:
             with (log_dir / f"profile.{tag}.load.log").open("w") as out:
                 generator = subprocess.Popen(load_command(args, port, photos), stdout=out, stderr=subprocess.STDOUT)
                 time.sleep(3)  # connected and at full load
                 targets = profiled_processes(server)
                 collapsed = {name: log_dir / f"profile.{tag}.{name}.collapsed.txt" for name in targets}
-                with sample_usage(server.pids()) as usage:
+                with sample_usage(server) as usage:
                     cpu_before = {name: _cpu_seconds(pid) for name, pid in targets.items()}
                     started = time.perf_counter()
                     spies = {

@@ -90,6 +90,18 @@ def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Pat
     assert all(row["usage"]["server_cores"] > 0 for row in rows), "the server's CPU time is sampled"
     for row in rows:  # each process apart too, so uneven workers show
         assert row["usage"]["server_cores"] == pytest.approx(sum(row["usage"]["process_cores"].values()))
+    for row in rows:  # and each worker's requests and time split, from its metrics (the echo server has none)
+        shares = row["usage"]["workers"]
+        if row["server"] == "echo":
+            assert shares == []
+            continue
+        ((worker,),) = [shares]
+        bench = json.loads((logs / row["raw"]).read_text())
+        assert worker["requests"] >= bench["requests"], "the worker answered every measured request"
+        assert 0 <= worker["queue_ms"] <= worker["request_ms"]
+        assert worker["compute_ms"] > 0
+        assert worker["batch"] >= 1
+    assert "idle wkrs" in (logs / "digits_grpc.txt").read_text()
 
     rates = {(row["server"], row["mode"]): row["images_per_s"] for row in rows}
     table = (logs / "digits_grpc.txt").read_text()

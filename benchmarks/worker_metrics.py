@@ -1,0 +1,97 @@
+"""Each worker's share of a load run, from its Prometheus ``/metrics`` before and after the run.
+
+Workers share the gRPC port by connection, so one can be busy while another has nothing to do; and a
+request's time inside a worker splits into what comes before the batcher (decoding, conversion), the wait in
+the batcher's queue and the model execution. Both show here, per worker, where the totals of a run hide them.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["WorkerShare", "free_port_run", "idle_workers", "scrape", "share"]
+
+# (sample name, the label a sample must carry, or None): what a share is computed from
+_SAMPLES = {
+    "requests": ("nv_inference_request_success_total", None),
+    "request_s": ("classify_request_duration_seconds_sum", ("status", "OK")),
+    "request_n": ("classify_request_duration_seconds_count", ("status", "OK")),
+    "queue_s": ("classify_queue_duration_seconds_sum", None),
+    "queue_n": ("classify_queue_duration_seconds_count", None),
+    "compute_s": ("classify_compute_infer_duration_seconds_sum", None),
+    "compute_n": ("classify_compute_infer_duration_seconds_count", None),
+    "images": ("classify_batch_size_sum", None),
+}
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """One worker's part of a run; means are over the run's requests or executions, None where it had none."""
+
+    metrics_port: int
+    requests: int  # answered OK
+    request_ms: float | None  # mean time inside the server per request: decode, queue and execution
+    queue_ms: float | None  # mean wait in the batcher before a request's first execution
+    compute_ms: float | None  # mean time of one model execution (through the engine with --workers N)
+    batch: float | None  # mean images per execution
+
+
+def free_port_run(count: int, attempts: int = 50) -> int:
+    """The first of ``count`` consecutive loopback ports that are free now (worker i serves metrics on base + i)."""
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        if base + count <= 65536 and all(_free(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} tries")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The totals a share is computed from, summed over every model the worker serves."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = dict.fromkeys(_SAMPLES, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for total, (name, label) in _SAMPLES.items():
+                if sample.name == name and (label is None or sample.labels.get(label[0]) == label[1]):
+                    totals[total] += sample.value
+    return totals
+
+
+def share(port: int, before: dict[str, float], after: dict[str, float]) -> WorkerShare:
+    """What the worker on metrics ``port`` did between two scrapes."""
+    run = {key: after[key] - before[key] for key in _SAMPLES}
+
+    def mean(total: str, count: str, scale: float) -> float | None:
+        return scale * run[total] / run[count] if run[count] else None
+
+    return WorkerShare(
+        metrics_port=port,
+        requests=round(run["requests"]),
+        request_ms=mean("request_s", "request_n", 1e3),
+        queue_ms=mean("queue_s", "queue_n", 1e3),
+        compute_ms=mean("compute_s", "compute_n", 1e3),
+        batch=mean("images", "compute_n", 1.0),
+    )
+
+
+def idle_workers(shares: Sequence[Mapping[str, Any]]) -> int | None:
+    """How many workers answered nothing in a run (from its rows' ``asdict`` shares); None without shares."""
+    return sum(1 for worker in shares if not worker["requests"]) if shares else None
