@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from serving.engine_merge import BatchMerger
-from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo
+from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
 
 __all__ = ["FRAME", "OK", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of"]
 
@@ -93,8 +93,7 @@ class _Engine:
                     Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options), key.fp16
                 )
                 runtime.warm_up()
-                where = ", ".join(runtime.providers) + " in float16" * runtime.fp16
-                _log.info("engine loaded %s on %s", key.path, where)
+                _log.info("engine loaded %s on %s", key.path, placement(runtime.providers, runtime.fp16))
                 mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]
                 loaded = self.loaded[key] = _Loaded(runtime, mergers)
             loaded.users += 1

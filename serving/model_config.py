@@ -8,8 +8,10 @@ broken folder is reported with its reason at load time instead of failing reques
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from google.protobuf import text_format
 
@@ -20,6 +22,7 @@ from serving.protos.inference import model_config_pb2 as mc
 __all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _PLATFORMS = {"onnxruntime_onnx"}
 _BACKENDS = {"onnxruntime"}
 _CUDA_PARAMETERS = ("prefer_nhwc",)  # model parameters passed as the CUDA provider option of the same name
@@ -130,27 +133,29 @@ def _log_unused_parameters(config: mc.ModelConfig, path: Path) -> None:
         _log.info("%s: parameter %r is not used by this server (it reads %s)", path, key, ", ".join(_PARAMETERS))
 
 
+def _parameter(config: mc.ModelConfig, path: Path, key: str, values: Mapping[str, _T], choices: str) -> _T | None:
+    """The model's ``key`` parameter read through ``values`` (case and spaces aside); None where it is not set.
+
+    Raises:
+        ConfigError: it is set to none of them; the message names the ``choices``.
+    """
+    if key not in config.parameters:
+        return None
+    text = config.parameters[key].string_value
+    if text.strip().lower() not in values:
+        raise ConfigError(f"{path}: parameter {key!r} is {text!r}; use {choices}")
+    return values[text.strip().lower()]
+
+
 def _cuda_options(config: mc.ModelConfig, path: Path) -> tuple[tuple[str, str], ...]:
     """The ``parameters`` this server passes to ONNX Runtime's CUDA provider."""
-    options = []
-    for key in _CUDA_PARAMETERS:
-        if key not in config.parameters:
-            continue
-        text = config.parameters[key].string_value
-        if text.strip().lower() not in _SWITCH:
-            raise ConfigError(f'{path}: parameter {key!r} is {text!r}; use "1" or "0"')
-        options.append((key, _SWITCH[text.strip().lower()]))
-    return tuple(options)
+    switches = ((key, _parameter(config, path, key, _SWITCH, '"1" or "0"')) for key in _CUDA_PARAMETERS)
+    return tuple((key, value) for key, value in switches if value is not None)
 
 
 def _fp16(config: mc.ModelConfig, path: Path) -> bool:
-    """Whether the model asks to run in float16 on the GPU; any precision but fp32 and fp16 is a config error."""
-    if _PRECISION not in config.parameters:
-        return False
-    text = config.parameters[_PRECISION].string_value
-    if text.strip().lower() not in _PRECISIONS:
-        raise ConfigError(f'{path}: parameter {_PRECISION!r} is {text!r}; use "fp32" or "fp16"')
-    return _PRECISIONS[text.strip().lower()]
+    """Whether the model asks to run in float16 on the GPU."""
+    return bool(_parameter(config, path, _PRECISION, _PRECISIONS, '"fp32" or "fp16"'))
 
 
 def load_model_spec(model_dir: Path) -> ModelSpec:

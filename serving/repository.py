@@ -14,7 +14,7 @@ from serving.engine_client import RemoteRuntime
 from serving.errors import NotFound, Unavailable
 from serving.metrics import Metrics
 from serving.model_config import ConfigError, ModelSpec, load_model_spec
-from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector
+from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, placement
 from serving.statistics import ModelStatistics
 
 Runtime = ModelRuntime | RemoteRuntime  # sessions in this process, or in the engine process (--workers N)
@@ -151,13 +151,8 @@ class ModelRepository:
             for old in previous.values():
                 await old.close(self.drain_grace)
             runtime = next(iter(versions.values())).runtime
-            _log.info(
-                "model %s ready: versions %s on %s%s",
-                name,
-                sorted(versions),
-                ", ".join(runtime.providers),
-                " in float16" * runtime.fp16,
-            )
+            where = placement(runtime.providers, runtime.fp16)
+            _log.info("model %s ready: versions %s on %s", name, sorted(versions), where)
 
     async def _load_versions(self, name: str) -> dict[int, ModelVersion]:
         model_dir = self.root / name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ __all__ = [
     "ProviderSelector",
     "TensorInfo",
     "batch_buckets",
+    "placement",
 ]
 
 _log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class TensorInfo:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
+
+
+def placement(providers: Sequence[str], fp16: bool) -> str:
+    """Where a model runs, as the load log lines say it (tests and benchmarks read the " in float16")."""
+    return ", ".join(providers) + " in float16" * fp16
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
