@@ -28,10 +28,8 @@ from benchmarks.harness import (
     classify_bench,
     environment,
     format_table,
-    is_baseline,
     sample_usage,
-    server_repository,
-    start_classify_server,
+    start_named_server,
 )
 from benchmarks.worker_metrics import idle_workers
 from serving.images import InputSpec, ResizeMode, decode_image
@@ -132,9 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({"decode_1_process": decode_one, f"decode_{cores}_processes": decode_all}), flush=True)
         ceilings = model_ceilings(args.ceiling_json)
         for name in args.servers:
-            repo = server_repository(args.model_repository, scratch, MODEL, name)
-            workers = 1 if is_baseline(name) else args.workers
-            server = start_classify_server(name, repo, args.device, workers, args.log_dir)
+            server = start_named_server(
+                name, args.model_repository, scratch, MODEL, args.device, args.workers, args.log_dir
+            )
             precision = served_precision(server.log)
             try:
                 for batch in args.batches:

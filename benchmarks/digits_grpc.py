@@ -30,11 +30,10 @@ from benchmarks.harness import (
     environment,
     format_table,
     free_port,
-    is_baseline,
     perf_analyzer,
     sample_usage,
     server_repository,
-    start_classify_server,
+    start_named_server,
     start_server,
 )
 from benchmarks.worker_metrics import idle_workers
@@ -49,9 +48,7 @@ def _start(args: argparse.Namespace, scratch: Path, name: str) -> Server:
         tuned = server_repository(args.model_repository, scratch, MODEL, "server")
         port = free_port()
         return start_server(name, echo_command(tuned, port, args.workers), port, ECHO_READY, args.workers, args.log_dir)
-    workers = 1 if is_baseline(name) else args.workers
-    repo = server_repository(args.model_repository, scratch, MODEL, name)
-    return start_classify_server(name, repo, args.device, workers, args.log_dir)
+    return start_named_server(name, args.model_repository, scratch, MODEL, args.device, args.workers, args.log_dir)
 
 
 def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]]:

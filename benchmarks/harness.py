@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,13 @@ __all__ = [
     "classify_bench",
     "format_table",
     "free_port",
-    "is_baseline",
     "perf_analyzer",
     "repository",
     "sample_usage",
     "server_command",
     "server_repository",
     "start_classify_server",
+    "start_named_server",
     "start_server",
 ]
 
@@ -83,15 +83,13 @@ def repository(
     batching: bool = True,
     instances: int | None = None,
     delay_us: int | None = None,
-    fp16: bool | None = None,
-    prefer_nhwc: bool | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> Path:
     """A model repository at ``target`` serving ``models`` from ``source`` (linked, not copied), with changes.
 
     ``batching=False`` gives the no-batching baseline: ``max_batch_size: 1`` and no ``dynamic_batching``, so
     every request runs alone, as soon as it arrives. ``instances`` and ``delay_us`` replace the instance count
-    and the queue delay; ``fp16`` and ``prefer_nhwc`` set the model's ``precision`` and ``prefer_nhwc``
-    parameters.
+    and the queue delay; ``parameters`` are set over the model's own.
     """
     target.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -108,17 +106,10 @@ def repository(
             config.instance_group[0].count = instances
         if delay_us is not None:
             config.dynamic_batching.max_queue_delay_microseconds = delay_us
-        if prefer_nhwc is not None:
-            config.parameters["prefer_nhwc"].string_value = "1" if prefer_nhwc else "0"
-        if fp16 is not None:
-            config.parameters["precision"].string_value = "fp16" if fp16 else "fp32"
+        for key, value in (parameters or {}).items():
+            config.parameters[key].string_value = value
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
     return target
-
-
-def is_baseline(name: str) -> bool:
-    """``baseline`` and its variants: batching off, one worker."""
-    return name.split(":")[0] == "baseline"
 
 
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
@@ -141,6 +132,9 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         if setting in settings:
             raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
         settings[setting] = value
+    parameters = {"precision": settings["precision"]} if "precision" in settings else {}
+    if "layout" in settings:
+        parameters["prefer_nhwc"] = "1" if settings["layout"] == "nhwc" else "0"
     return repository(
         source,
         scratch / name.replace(":", "-"),
@@ -148,8 +142,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         batching=base == "server",
         instances=int(settings["instances"]) if "instances" in settings else None,
         delay_us=int(settings["delay"]) if "delay" in settings else None,
-        fp16={"fp16": True, "fp32": False}.get(settings.get("precision", "")),
-        prefer_nhwc={"nhwc": True, "nchw": False}.get(settings.get("layout", "")),
+        parameters=parameters,
     )
 
 
@@ -210,6 +203,15 @@ def start_classify_server(name: str, repository: Path, device: str, workers: int
     port, metrics = free_port(), free_port_run(workers)
     command = server_command(repository, port, device, workers, metrics)
     return start_server(name, command, port, SERVER_READY, workers, log_dir, range(metrics, metrics + workers))
+
+
+def start_named_server(
+    name: str, source: Path, scratch: Path, model: str, device: str, workers: int, log_dir: Path
+) -> Server:
+    """The server ``name`` stands for (``server_repository``) with ``workers`` workers, or one for a baseline."""
+    repository = server_repository(source, scratch, model, name)
+    count = 1 if name.split(":")[0] == "baseline" else workers
+    return start_classify_server(name, repository, device, count, log_dir)
 
 
 @dataclass
