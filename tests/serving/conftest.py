@@ -53,6 +53,18 @@ def write_repository(root: Path, batching: Mapping[str, Mapping[str, int]] = SMA
     return root
 
 
+def digits_with_parameters(root: Path, parameters: Mapping[str, str]) -> Path:
+    """A copy of the committed digits model in ``root`` with ``parameters`` set in its config.pbtxt."""
+    model_dir = root / "digits"
+    shutil.copytree(REPO_ROOT / "models" / "digits", model_dir)
+    path = model_dir / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    path.write_text(text_format.MessageToString(config))
+    return model_dir
+
+
 class ServerProcess:
     """A ``python -m serving`` child process; its log goes to a file the test can read."""
 

@@ -5,47 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from serving.engine import ModelKey
 from serving.model_config import ConfigError, load_model_spec
-from serving.protos.inference import model_config_pb2
 from serving.runtime import Device, ModelRuntime, ProviderSelector
-from tests.serving.conftest import REPO_ROOT
-
-
-def _digits_with(tmp_path: Path, parameters: dict[str, str]) -> Path:
-    model_dir = tmp_path / "digits"
-    shutil.copytree(REPO_ROOT / "models" / "digits", model_dir)
-    path = model_dir / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    for key, value in parameters.items():
-        config.parameters[key].string_value = value
-    path.write_text(text_format.MessageToString(config))
-    return model_dir
+from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 
 @pytest.mark.parametrize(("value", "option"), [("1", "1"), ("true", "1"), (" On ", "1"), ("0", "0"), ("false", "0")])
 def test_prefer_nhwc_becomes_a_cuda_provider_option(tmp_path: Path, value: str, option: str) -> None:
-    spec = load_model_spec(_digits_with(tmp_path, {"prefer_nhwc": value}))
+    spec = load_model_spec(digits_with_parameters(tmp_path, {"prefer_nhwc": value}))
     assert spec.cuda_options == (("prefer_nhwc", option),)
 
 
 def test_a_switch_that_is_neither_on_nor_off_names_the_parameter_and_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"parameter 'prefer_nhwc' is 'yes please'; use \"1\" or \"0\""):
-        load_model_spec(_digits_with(tmp_path, {"prefer_nhwc": "yes please"}))
+        load_model_spec(digits_with_parameters(tmp_path, {"prefer_nhwc": "yes please"}))
 
 
 def test_parameters_for_other_servers_are_logged_and_left_alone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="serving.model_config"):
-        spec = load_model_spec(_digits_with(tmp_path, {"cudnn_conv_use_max_workspace": "1"}))
+        spec = load_model_spec(digits_with_parameters(tmp_path, {"cudnn_conv_use_max_workspace": "1"}))
     assert spec.cuda_options == ()
     assert "parameter 'cudnn_conv_use_max_workspace' is not used by this server" in caplog.text
 

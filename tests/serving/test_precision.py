@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from google.protobuf import text_format
 from prometheus_client import CollectorRegistry
 
 from serving import runtime
@@ -20,10 +18,9 @@ from serving.engine import ModelKey, _Engine
 from serving.metrics import Metrics
 from serving.model_config import ConfigError, load_model_spec
 from serving.precision import float16_model
-from serving.protos.inference import model_config_pb2
 from serving.repository import ModelRepository
 from serving.runtime import Device, ModelRuntime, ProviderSelector
-from tests.serving.conftest import REPO_ROOT
+from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 DIGITS = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"
 
@@ -33,16 +30,6 @@ def cpu_as_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU path on a machine without one: the CPU provider stands in for CUDA (CUDA's own run of the same
     path is tests/serving/test_gpu.py)."""
     monkeypatch.setattr(runtime, "_CUDA", "CPUExecutionProvider")
-
-
-def _digits_with_precision(tmp_path: Path, value: str) -> Path:
-    model_dir = tmp_path / "digits"
-    shutil.copytree(REPO_ROOT / "models" / "digits", model_dir)
-    path = model_dir / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    config.parameters["precision"].string_value = value
-    path.write_text(text_format.MessageToString(config))
-    return model_dir
 
 
 def test_the_conversion_keeps_the_served_input_and_output_types() -> None:
@@ -71,12 +58,12 @@ def test_the_converted_model_classifies_as_the_fp32_file_does() -> None:
 
 @pytest.mark.parametrize(("value", "fp16"), [("fp16", True), (" FP16 ", True), ("fp32", False)])
 def test_the_precision_parameter_is_read(tmp_path: Path, value: str, fp16: bool) -> None:
-    assert load_model_spec(_digits_with_precision(tmp_path, value)).fp16 is fp16
+    assert load_model_spec(digits_with_parameters(tmp_path, {"precision": value})).fp16 is fp16
 
 
 def test_a_precision_that_is_not_offered_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"parameter 'precision' is 'int8'; use \"fp32\" or \"fp16\""):
-        load_model_spec(_digits_with_precision(tmp_path, "int8"))
+        load_model_spec(digits_with_parameters(tmp_path, {"precision": "int8"}))
 
 
 def test_the_cpu_runs_the_fp32_file_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
@@ -119,7 +106,7 @@ def test_the_engine_loads_a_key_in_the_precision_it_names() -> None:
 async def test_a_repository_serves_the_precision_its_config_asks_for_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = _digits_with_precision(tmp_path, "fp16").parent
+    root = digits_with_parameters(tmp_path, {"precision": "fp16"}).parent
     repository = ModelRepository(root, ProviderSelector(Device.CPU), Metrics(CollectorRegistry()))
     with caplog.at_level(logging.INFO, logger="serving.repository"):
         await repository.load("digits")
