@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         bench += ["--concurrency", str(args.concurrency), "--processes", str(args.bench_processes)]
                         bench += ["--channels", str(args.bench_channels)]
                         bench += ["--stream"] if stream else []
-                        tag = f"{name.replace(':', '-')}.b{batch}.{mode}"
+                        tag = f"{server.tag}.b{batch}.{mode}"
                         with sample_usage(server) as usage:
                             address = f"127.0.0.1:{server.port}"
                             result = classify_bench(address, MODEL, bench, args.log_dir, tag, args.duration)

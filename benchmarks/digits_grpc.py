@@ -61,7 +61,7 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
 
     for mode in args.modes:
         for concurrency in args.concurrency if args.perf_analyzer else ():
-            tag = f"{server.name.replace(':', '-')}.kserve.{mode}.c{concurrency}"
+            tag = f"{server.tag}.kserve.{mode}.c{concurrency}"
             with sample_usage(server) as usage:
                 result = perf_analyzer(
                     args.perf_analyzer, MODEL, server.port, concurrency, _MODES[mode], args.log_dir, tag
@@ -69,7 +69,7 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
             result.usage = usage
             record("perf_analyzer", "kserve", mode, concurrency, result)
         for api in args.bench_apis:
-            tag = f"{server.name.replace(':', '-')}.{api}.{mode}"
+            tag = f"{server.tag}.{api}.{mode}"
             bench_args = ["--api", api, "--concurrency", str(args.bench_concurrency)]
             bench_args += ["--processes", str(args.bench_processes), "--channels", str(args.bench_channels)]
             bench_args += ["--stream"] if _MODES[mode] else []

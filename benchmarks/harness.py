@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import re
@@ -57,6 +58,11 @@ class Server:
     port: int
     log: Path
     metrics_ports: tuple[int, ...] = ()  # one per worker; none for the echo server
+
+    @property
+    def tag(self) -> str:
+        """What this server's raw files are named by: its log's name, unique in the log folder."""
+        return self.log.name.removesuffix(".server.log")
 
     def pids(self) -> list[int]:
         """The parent and every worker: all their CPU time is the server's."""
@@ -184,8 +190,14 @@ def start_server(
     log_dir: Path,
     metrics_ports: Sequence[int] = (),
 ) -> Server:
-    """Start ``command`` and wait until its log holds ``ready_line`` ``count`` times (once per worker)."""
-    log = log_dir / f"{name.replace(':', '-')}.server.log"
+    """Start ``command`` and wait until its log holds ``ready_line`` ``count`` times (once per worker). A name
+    already measured in ``log_dir`` gets a numbered log (``server-i3.2.server.log``): a repeat keeps both."""
+    stem = name.replace(":", "-")
+    log = log_dir / f"{stem}.server.log"
+    for repeat in itertools.count(2):
+        if not log.exists():
+            break
+        log = log_dir / f"{stem}.{repeat}.server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     server = Server(name, process, port, log, tuple(metrics_ports))

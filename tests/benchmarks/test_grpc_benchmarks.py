@@ -160,3 +160,18 @@ def test_the_precision_column_is_what_the_server_logged(tmp_path: Path) -> None:
     assert catdog_grpc.served_precision(log) == "fp16"
     log.write_text(f"{ready}\n")
     assert catdog_grpc.served_precision(log) == "fp32"
+
+
+def test_a_server_measured_twice_keeps_both_runs_raw_files(repo_root: Path, tmp_path: Path) -> None:
+    """Alternating A/B runs name a server more than once; the second must not overwrite the first's logs."""
+    logs = tmp_path / "logs"
+    digits_grpc.main(
+        ["--model-repository", str(repo_root / "models"), "--servers", "echo", "echo", "--modes", "unary",
+         "--bench-apis", "kserve", "--bench-concurrency", "4", "--bench-processes", "1", "--workers", "1",
+         "--duration", "0.5", "--log-dir", str(logs)]
+    )  # fmt: skip
+    rows = json.loads((logs / "digits_grpc.json").read_text())
+    assert [row["raw"] for row in rows] == ["echo.kserve.unary.bench.json", "echo.2.kserve.unary.bench.json"]
+    assert all((logs / row["raw"]).is_file() for row in rows)
+    assert (logs / "echo.server.log").is_file()
+    assert (logs / "echo.2.server.log").is_file()
