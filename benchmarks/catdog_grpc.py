@@ -14,6 +14,7 @@ The baseline is the same server with batching off (max batch 1, no delay) and on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(prefer_nhwc on, off)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
-    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[128], help="requests in flight, in all")
     parser.add_argument("--bench-processes", type=int, default=4)
     parser.add_argument(
         "--bench-channels",
@@ -135,31 +136,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             precision = served_precision(server.log)
             try:
-                for batch in args.batches:
-                    for stream in (False, True):
-                        mode = "stream" if stream else "unary"
-                        bench = ["--api", "classify", "--images", str(photos), "--batch", str(batch)]
-                        bench += ["--concurrency", str(args.concurrency), "--processes", str(args.bench_processes)]
-                        bench += ["--channels", str(args.bench_channels)]
-                        bench += ["--stream"] if stream else []
-                        tag = f"{server.tag}.b{batch}.{mode}"
-                        with sample_usage(server) as usage:
-                            address = f"127.0.0.1:{server.port}"
-                            result = classify_bench(address, MODEL, bench, args.log_dir, tag, args.duration)
-                        result.usage = usage
-                        row = {"server": name, "precision": precision, "batch": batch, "mode": mode}
-                        rows.append(row | asdict(result))
-                        print(json.dumps(rows[-1]), flush=True)
+                for concurrency, batch, stream in itertools.product(args.concurrency, args.batches, (False, True)):
+                    mode = "stream" if stream else "unary"
+                    bench = ["--api", "classify", "--images", str(photos), "--batch", str(batch)]
+                    bench += ["--concurrency", str(concurrency), "--processes", str(args.bench_processes)]
+                    bench += ["--channels", str(args.bench_channels)]
+                    bench += ["--stream"] if stream else []
+                    tag = f"{server.tag}.b{batch}.c{concurrency}.{mode}"
+                    with sample_usage(server) as usage:
+                        address = f"127.0.0.1:{server.port}"
+                        result = classify_bench(address, MODEL, bench, args.log_dir, tag, args.duration)
+                    result.usage = usage
+                    row = {"server": name, "precision": precision, "batch": batch, "concurrency": concurrency}
+                    rows.append(row | {"mode": mode} | asdict(result))
+                    print(json.dumps(rows[-1]), flush=True)
             finally:
                 server.stop()
     summary = {"decode_1_process": decode_one, "decode_all_processes": decode_all, "model_ceilings": ceilings}
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
-        ["server", "precision", "batch", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors", "srv cores",
-         "box cpu%", "gpu%", "idle wkrs", "/decode", "/model"],
+        ["server", "precision", "batch", "conc", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
+         "srv cores", "box cpu%", "gpu%", "idle wkrs", "/decode", "/model"],
         [
-            [row["server"], row["precision"], row["batch"], row["mode"], row["images_per_s"], row["p50_ms"],
-             row["p90_ms"], row["p99_ms"],
+            [row["server"], row["precision"], row["batch"], row["concurrency"], row["mode"], row["images_per_s"],
+             row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"], idle_workers(row["usage"]["workers"]),  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]

@@ -134,21 +134,25 @@ def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path,
     catdog_grpc.main(
         ["--photos", str(data_dir / "catdog/cats_and_dogs_filtered_s224_q80.zip"),
          "--model-repository", str(repo_root / "models"), "--device", "cpu", "--workers", "1", "--batches", "2",
-         "--concurrency", "4", "--bench-processes", "1", "--duration", "1", "--ceiling-json", str(ceiling),
+         "--concurrency", "2", "4", "--bench-processes", "1", "--duration", "1", "--ceiling-json", str(ceiling),
          "--log-dir", str(logs)]
     )  # fmt: skip
     document = json.loads((logs / "catdog_grpc.json").read_text())
     rows = document["rows"]
-    assert {(row["server"], row["mode"]) for row in rows} == {
-        (server, mode) for server in ("server", "baseline") for mode in ("unary", "stream")
-    }
+    assert [(row["server"], row["concurrency"], row["mode"]) for row in rows] == [
+        (server, concurrency, mode)
+        for server in ("server", "baseline")
+        for concurrency in (2, 4)
+        for mode in ("unary", "stream")
+    ]
+    assert len({row["raw"] for row in rows}) == len(rows), "each run keeps its own raw file"
     assert all(row["images_per_s"] > 0 and row["errors"] == 0 for row in rows)
     ceilings = document["ceilings"]
     assert ceilings["decode_all_processes"] >= ceilings["decode_1_process"] > 0
     assert ceilings["model_ceilings"] == pytest.approx({"fp32": 8786.41, "fp16": 11157.05}, abs=0.01)
     assert {row["precision"] for row in rows} == {"fp32"}, "the committed FP16 config runs FP32 on the CPU"
     table = (logs / "catdog_grpc.txt").read_text()
-    (to_decode, to_model), _ = _ratio_cells(table, "server", 2)
+    (to_decode, to_model), *_ = _ratio_cells(table, "server", 2)
     assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceilings"]["fp32"], abs=0.006)
     assert float(to_decode) == pytest.approx(rows[0]["images_per_s"] / ceilings["decode_all_processes"], abs=0.006)
 
