@@ -33,11 +33,14 @@ from benchmarks.harness import (
     start_classify_server,
 )
 
+RATE = 250  # py-spy samples per second
 _WORKERS_STARTED = re.compile(r"pids \[([\d, ]+)\]; engine pid (\d+)")
 
 
-def summarise(collapsed: Path, top: int) -> str:
-    """The ``top`` frames by self and by inclusive samples, in percent of all samples."""
+def summarise(collapsed: Path, top: int, gil_chances: int | None = None) -> str:
+    """The ``top`` frames by self and by inclusive samples, in percent of all samples. With py-spy's ``--gil``
+    only a thread holding the GIL is sampled, so samples over ``gil_chances`` (rate times seconds) is the share
+    of the time the process's GIL was held: near 100%, its Python code is the limit, whatever its CPU use."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -50,6 +53,8 @@ def summarise(collapsed: Path, top: int) -> str:
         for frame in set(frames):
             inclusive[frame] += count
     lines = [f"{total} samples"]
+    if gil_chances:
+        lines.append(f"GIL held {100 * total / gil_chances:.0f}% of the time ({total} of {gil_chances} samples)")
     for title, counter in (("self", own), ("inclusive", inclusive)):
         lines.append(f"-- by {title} samples --")
         lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in counter.most_common(top)]
@@ -83,10 +88,10 @@ def load_command(args: argparse.Namespace, port: int, photos: Path | None) -> li
     ]  # fmt: skip
 
 
-def record(py_spy: str, pid: int, seconds: float, collapsed: Path) -> subprocess.Popen[bytes]:
+def record(py_spy: str, pid: int, seconds: float, collapsed: Path, gil: bool) -> subprocess.Popen[bytes]:
     spy = [
-        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
-        "--output", str(collapsed), "--nonblocking", "--threads",
+        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(RATE), "--format",
+        "raw", "--output", str(collapsed), "--nonblocking", "--threads", *(["--gil"] if gil else []),
     ]  # fmt: skip
     return subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -105,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bench-processes", type=int, default=4, help="classify bench processes (catdog)")
     parser.add_argument("--bench-channels", type=int, default=4, help="connections per bench process (catdog)")
     parser.add_argument("--streaming", action="store_true")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL (py-spy --gil)")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--log-dir", type=Path, default=None)
@@ -113,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("digits is driven by --perf-analyzer, catdog by classify bench over --photos")
     log_dir: Path = args.log_dir or Path(tempfile.mkdtemp(prefix="profile-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}.{'stream' if args.streaming else 'unary'}"
+    tag = f"{args.model}.{'stream' if args.streaming else 'unary'}{'.gil' if args.gil else ''}"
     with tempfile.TemporaryDirectory() as scratch:
         photos = None
         if args.photos:
@@ -132,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cpu_before = {name: _cpu_seconds(pid) for name, pid in targets.items()}
                     started = time.perf_counter()
                     spies = {
-                        name: record(args.py_spy, pid, args.seconds, collapsed[name]) for name, pid in targets.items()
+                        name: record(args.py_spy, pid, args.seconds, collapsed[name], args.gil)
+                        for name, pid in targets.items()
                     }
                     for name, spy in spies.items():
                         _, errors = spy.communicate()
@@ -146,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     header = json.dumps(
         {"model": args.model, "tag": tag, "workers": args.workers, "usage": asdict(usage), "cores": cores}
     )
+    gil_chances = RATE * int(args.seconds) if args.gil else None
     report = [header] + [
-        f"== {name} (pid {targets[name]}) ==\n{summarise(path, args.top)}" for name, path in collapsed.items()
+        f"== {name} (pid {targets[name]}) ==\n{summarise(path, args.top, gil_chances)}"
+        for name, path in collapsed.items()
     ]
     (log_dir / f"profile.{tag}.summary.txt").write_text("\n".join(report) + "\n")
     print("\n".join(report))
