@@ -7,7 +7,9 @@ In one run, on one box, with the same load generators:
 
 Load: Triton's perf_analyzer (KServe v2 ``ModelInfer``, unary and ``--streaming``) over a concurrency sweep,
 and ``classify bench`` over both APIs, unary and streamed. Each row gives images/s, latency percentiles, the
-server's CPU use, the box's and the GPU's, and the ratios server/echo and server/baseline.
+server's CPU use, the box's and the GPU's, and the ratios server/echo and server/baseline. ``idle wkrs``
+and ``in srv`` come from each worker's /metrics: workers that answered nothing, and the part of the client's
+mean latency spent inside the workers' handlers (the rest is in gRPC, at both ends, and in the client).
 
     python -m benchmarks.digits_grpc --perf-analyzer perf_analyzer --workers 8 --log-dir /tmp/digits
 """
@@ -36,7 +38,7 @@ from benchmarks.harness import (
     start_named_server,
     start_server,
 )
-from benchmarks.worker_metrics import idle_workers
+from benchmarks.worker_metrics import idle_workers, inside_server
 
 MODEL = "digits"
 _MODES = {"unary": False, "stream": True}
@@ -97,13 +99,14 @@ def _table(rows: list[dict[str, object]]) -> str:
                 row["server"], row["generator"], row["api"], row["mode"], row["concurrency"], rate,
                 row["p50_ms"], row["p90_ms"], row["p99_ms"], row["errors"], usage["server_cores"],
                 usage["box_percent"], usage["gpu_percent"], idle_workers(usage["workers"]),
+                inside_server(usage["workers"], row["mean_ms"]),  # type: ignore[arg-type]
                 rate / float(echo["images_per_s"]) if echo else None,  # type: ignore[arg-type]
                 rate / float(baseline["images_per_s"]) if baseline else None,  # type: ignore[arg-type]
             ]
         )  # fmt: skip
     headers = [
         "server", "load", "api", "mode", "conc", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-        "srv cores", "box cpu%", "gpu%", "idle wkrs", "/echo", "/baseline",
+        "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "/echo", "/baseline",
     ]  # fmt: skip
     return format_table(headers, lines)
 

@@ -309,6 +309,14 @@ class LoadResult:
     errors: int = 0
     usage: Usage = field(default_factory=Usage)
     raw: str = ""  # the file holding the generator's own output
+    mean_ms: float | None = None  # mean latency of the answered requests
+
+
+# The columns of perf_analyzer's CSV report that add up to its mean latency (microseconds).
+_PERF_ANALYZER_PARTS = (
+    "Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input", "Server Compute Infer",
+    "Server Compute Output", "Client Recv",
+)  # fmt: skip
 
 
 def perf_analyzer(
@@ -343,6 +351,7 @@ def perf_analyzer(
         p90_ms=float(row["p90 latency"]) / 1000,
         p99_ms=float(row["p99 latency"]) / 1000,
         raw=report.name,
+        mean_ms=sum(float(row[part]) for part in _PERF_ANALYZER_PARTS) / 1000,
     )
 
 
@@ -368,6 +377,7 @@ def classify_bench(
         p99_ms=summary["p99_ms"] or 0.0,
         errors=summary["failed"],
         raw=raw.name,
+        mean_ms=summary["mean_ms"],
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["WorkerShare", "free_port_run", "idle_workers", "scrape", "share"]
+__all__ = ["WorkerShare", "free_port_run", "idle_workers", "inside_server", "scrape", "share"]
 
 # (sample name, the label a sample must carry, or None): what a share is computed from
 _SAMPLES = {
@@ -95,3 +95,14 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
 def idle_workers(shares: Sequence[Mapping[str, Any]]) -> int | None:
     """How many workers answered nothing in a run (from its rows' ``asdict`` shares); None without shares."""
     return sum(1 for worker in shares if not worker["requests"]) if shares else None
+
+
+def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | None) -> float | None:
+    """The part of a request's mean latency, as its client measured it, spent inside the workers' handlers
+    (decoding, batcher queue, execution); the rest is the gRPC layer's, both ends, and the client's. None
+    without shares or a client mean."""
+    answered = sum(worker["requests"] for worker in shares)
+    if not answered or not client_mean_ms:
+        return None
+    inside = sum(worker["request_ms"] * worker["requests"] for worker in shares if worker["requests"]) / answered
+    return float(inside / client_mean_ms)

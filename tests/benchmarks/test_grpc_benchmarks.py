@@ -12,6 +12,7 @@ from google.protobuf import text_format
 
 from benchmarks import catdog_grpc, digits_grpc
 from benchmarks.harness import ECHO_READY, echo_command, free_port, perf_analyzer, server_repository, start_server
+from benchmarks.worker_metrics import inside_server
 from serving.protos.inference import model_config_pb2 as mc
 
 PERF_ANALYZER = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
@@ -101,6 +102,9 @@ def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Pat
         assert 0 <= worker["queue_ms"] <= worker["request_ms"]
         assert worker["compute_ms"] > 0
         assert worker["batch"] >= 1
+        inside = inside_server(shares, row["mean_ms"])
+        assert inside is not None
+        assert 0 < inside <= 1.05, "the handlers' time is part of what the client waited (clocks apart: 5%)"
     assert "idle wkrs" in (logs / "digits_grpc.txt").read_text()
 
     rates = {(row["server"], row["mode"]): row["images_per_s"] for row in rows}
@@ -123,6 +127,8 @@ def test_perf_analyzer_drives_the_echo_server(repo_root: Path, tmp_path: Path, s
         echo.stop()
     assert result.images_per_s > 0
     assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+    assert result.mean_ms is not None
+    assert 0 < result.mean_ms <= result.p99_ms
     assert (tmp_path / result.raw).is_file()
 
 

@@ -1,0 +1,32 @@
+"""Per-worker shares of a run, summed up: idle workers, and how much of a request's time the handlers took."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.worker_metrics import idle_workers, inside_server
+
+_BUSY = {"requests": 300, "request_ms": 10.0}
+_LIGHT = {"requests": 100, "request_ms": 2.0}
+_IDLE = {"requests": 0, "request_ms": None}
+
+
+def test_the_time_inside_is_weighted_by_each_workers_requests() -> None:
+    """(300 x 10 + 100 x 2) / 400 = 8 ms inside, of a 32 ms mean at the client: a quarter."""
+    assert inside_server([_BUSY, _LIGHT, _IDLE], client_mean_ms=32.0) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("shares", "client_mean_ms"),
+    [([], 5.0), ([_IDLE], 5.0), ([_BUSY], None)],
+    ids=["no-metrics", "nothing-answered", "no-client-mean"],
+)
+def test_without_requests_or_a_client_mean_there_is_no_share(
+    shares: list[dict[str, float | None]], client_mean_ms: float | None
+) -> None:
+    assert inside_server(shares, client_mean_ms) is None
+
+
+def test_idle_workers_are_those_that_answered_nothing() -> None:
+    assert idle_workers([_BUSY, _IDLE, _LIGHT, _IDLE]) == 2
+    assert idle_workers([]) is None
