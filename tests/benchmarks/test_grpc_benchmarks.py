@@ -11,7 +11,15 @@ import pytest
 from google.protobuf import text_format
 
 from benchmarks import catdog_grpc, digits_grpc
-from benchmarks.harness import ECHO_READY, echo_command, free_port, perf_analyzer, server_repository, start_server
+from benchmarks.harness import (
+    ECHO_READY,
+    echo_command,
+    free_port,
+    perf_analyzer,
+    perf_analyzer_result,
+    server_repository,
+    start_server,
+)
 from benchmarks.worker_metrics import inside_server
 from serving.protos.inference import model_config_pb2 as mc
 
@@ -185,3 +193,15 @@ def test_a_server_measured_twice_keeps_both_runs_raw_files(repo_root: Path, tmp_
     assert all((logs / row["raw"]).is_file() for row in rows)
     assert (logs / "echo.server.log").is_file()
     assert (logs / "echo.2.server.log").is_file()
+
+
+@pytest.mark.parametrize("server", ["server", "echo"])
+def test_perf_analyzer_figures_are_read_from_its_report_and_log(repo_root: Path, server: str) -> None:
+    """A real H200 run's files: the CSV gives rate and percentiles; the mean comes from the log, because the
+    CSV holds it only as parts, and those only where the server reports statistics (the echo server does not)."""
+    raw = repo_root / "benchmarks/results/h200/shares/digits"
+    result = perf_analyzer_result(
+        raw / f"{server}.kserve.unary.c512.perf_analyzer.csv", raw / f"{server}.kserve.unary.c512.perf_analyzer.log"
+    )
+    expected = {"server": (26888.8, 18.311, 37.52, 18.866), "echo": (42952.2, 11.213, 25.25, 11.809)}[server]
+    assert (result.images_per_s, result.p50_ms, result.p99_ms, result.mean_ms) == pytest.approx(expected)
