@@ -6,7 +6,9 @@ batches them. Two ceilings bound the server:
 - model: in-process ONNX Runtime at the precision the server ran (the ``precision`` column, from the
   server's log), from ``benchmarks.ceiling --json``.
 The baseline is the same server with batching off (max batch 1, no delay) and one worker. ``in srv``: the
-part of the client's mean latency spent inside the workers' handlers, from their /metrics.
+part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
+``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
+the model instance, and the time and images of the joined run it went into.
 
     python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
         --ceiling-json ceiling.json --log-dir /tmp/catdog
@@ -33,7 +35,7 @@ from benchmarks.harness import (
     sample_usage,
     start_named_server,
 )
-from benchmarks.worker_metrics import idle_workers, inside_server
+from benchmarks.worker_metrics import engine_split, idle_workers, inside_server
 from serving.images import InputSpec, ResizeMode, decode_image
 
 MODEL = "catdog"
@@ -157,13 +159,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
         ["server", "precision", "batch", "conc", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "/decode", "/model"],
+         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "eng wait", "eng run", "run imgs", "/decode",
+         "/model"],
         [
             [row["server"], row["precision"], row["batch"], row["concurrency"], row["mode"], row["images_per_s"],
              row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"], idle_workers(row["usage"]["workers"]),  # type: ignore[index]
              inside_server(row["usage"]["workers"], row["mean_ms"]),  # type: ignore[index,arg-type]
+             *(engine_split(row["usage"]["workers"]) or (None,) * 3),  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
              _ratio(float(row["images_per_s"]), ceilings.get(str(row["precision"])))]  # type: ignore[arg-type]
             for row in rows

@@ -2,7 +2,8 @@
 
 Workers share the gRPC port by connection, so one can be busy while another has nothing to do; and a
 request's time inside a worker splits into what comes before the batcher (decoding, conversion), the wait in
-the batcher's queue and the model execution. Both show here, per worker, where the totals of a run hide them.
+the batcher's queue and the model execution, which through the engine splits again into the wait for the
+model instance there and the joined run. All show here, per worker, where the totals of a run hide them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["WorkerShare", "free_port_run", "idle_workers", "inside_server", "scrape", "share"]
+__all__ = ["WorkerShare", "engine_split", "free_port_run", "idle_workers", "inside_server", "scrape", "share"]
 
 # (sample name, the label a sample must carry, or None): what a share is computed from
 _SAMPLES = {
@@ -27,6 +28,10 @@ _SAMPLES = {
     "compute_s": ("classify_compute_infer_duration_seconds_sum", None),
     "compute_n": ("classify_compute_infer_duration_seconds_count", None),
     "images": ("classify_batch_size_sum", None),
+    "engine_wait_s": ("classify_engine_wait_duration_seconds_sum", None),
+    "engine_run_s": ("classify_engine_run_duration_seconds_sum", None),
+    "engine_n": ("classify_engine_run_duration_seconds_count", None),
+    "engine_images": ("classify_engine_run_size_sum", None),
 }
 
 
@@ -40,6 +45,11 @@ class WorkerShare:
     queue_ms: float | None  # mean wait in the batcher before a request's first execution
     compute_ms: float | None  # mean time of one model execution (through the engine with --workers N)
     batch: float | None  # mean images per execution
+    # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run it
+    # went into (time and images); None without the engine
+    engine_wait_ms: float | None = None
+    engine_run_ms: float | None = None
+    engine_run_images: float | None = None
 
 
 def free_port_run(count: int, attempts: int = 50) -> int:
@@ -89,6 +99,9 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         queue_ms=mean("queue_s", "queue_n", 1e3),
         compute_ms=mean("compute_s", "compute_n", 1e3),
         batch=mean("images", "compute_n", 1.0),
+        engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
+        engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
+        engine_run_images=mean("engine_images", "engine_n", 1.0),
     )
 
 
@@ -106,3 +119,18 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
         return None
     inside = sum(worker["request_ms"] * worker["requests"] for worker in shares if worker["requests"]) / answered
     return float(inside / client_mean_ms)
+
+
+def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
+    """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
+    it went into (ms) and that run's mean images. Workers are weighted by their executions (requests over
+    images per execution: exact when every request holds as many images). None without the engine."""
+    sent = [w for w in shares if w["requests"] and w.get("engine_run_ms") is not None]
+    if not sent:
+        return None
+    weights = [w["requests"] / w["batch"] for w in sent]
+
+    def mean(key: str) -> float:
+        return float(sum(w[key] * weight for w, weight in zip(sent, weights, strict=True)) / sum(weights))
+
+    return mean("engine_wait_ms"), mean("engine_run_ms"), mean("engine_run_images")

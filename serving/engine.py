@@ -10,7 +10,9 @@ Wire: one Unix-socket connection per worker-side model instance. The worker name
 instance count, max batch size, which instance) in a length-prefixed JSON message; the engine loads it (once
 for all workers) and answers with its inputs and outputs, or the reason it cannot; the worker then passes
 the file descriptor of a shared memory block sized for one full batch in and out. From then on each batch is
-a 4-byte row count one way and a 4-byte status the other: images and probabilities stay in shared memory.
+a 4-byte row count one way and a 4-byte status the other, followed on success by where the batch's time went
+(``TIMING``: its wait for the instance, the run's time and images): images and probabilities stay in shared
+memory.
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from serving.engine_merge import BatchMerger
+from serving.engine_merge import BatchMerger, EngineRun
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
 
-__all__ = ["FRAME", "OK", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of"]
+__all__ = [
+    "FRAME", "OK", "TIMING", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of",
+]  # fmt: skip
 
 _log = logging.getLogger(__name__)
 FRAME = struct.Struct("<I")  # a batch's row count (worker -> engine); a status (engine -> worker)
 OK = 0
 FAILED = 1  # followed by a FRAME-sized length and that many bytes of UTF-8 message
+TIMING = struct.Struct("<QQI")  # after OK: EngineRun's wait_ns, run_ns and run_rows
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,12 @@ class _Engine:
             while receive_exactly(connection, frame):
                 (rows,) = FRAME.unpack(frame)
                 try:
-                    merger.run(inputs, rows, outputs[:rows])
+                    timing: EngineRun = merger.run(inputs, rows, outputs[:rows])
                 except Exception as exc:  # the worker fails this batch's requests with the reason
                     reason = f"{type(exc).__name__}: {exc}".encode()
                     connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)
                 else:
-                    connection.sendall(FRAME.pack(OK))
+                    connection.sendall(FRAME.pack(OK) + TIMING.pack(timing.wait_ns, timing.run_ns, timing.run_rows))
         finally:
             del inputs, outputs  # the views must go before the mmap closes
 

@@ -12,11 +12,13 @@ import mmap
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from serving.engine import FRAME, OK, ModelKey, receive_exactly, receive_json, send_json, tensor_of
+from serving.engine import FRAME, OK, TIMING, ModelKey, receive_exactly, receive_json, send_json, tensor_of
+from serving.engine_merge import EngineRun
 from serving.runtime import DeviceUnavailable
 
 __all__ = ["EngineError", "RemoteRuntime"]
@@ -57,6 +59,8 @@ class _Instance:
         self.outputs = np.frombuffer(self.shared, np.float32, key.max_batch_size * classes, input_bytes)
         self.outputs = self.outputs.reshape(-1, classes)
         self.frame = bytearray(FRAME.size)
+        self.timing = bytearray(TIMING.size)
+        self.observer: Callable[[EngineRun], None] | None = None
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Blocking, on the batcher's executor thread: one batch through the engine."""
@@ -64,18 +68,27 @@ class _Instance:
         self.inputs[:rows] = images
         try:
             self.connection.sendall(FRAME.pack(rows))
-            answered = receive_exactly(self.connection, self.frame)
+        except OSError as exc:
+            raise EngineError(f"the engine process went away: {exc}") from None
+        self._receive(self.frame)
+        if FRAME.unpack(self.frame)[0] != OK:
+            length = bytearray(FRAME.size)
+            self._receive(length)
+            reason = bytearray(FRAME.unpack(length)[0])
+            self._receive(reason)
+            raise EngineError(f"the engine failed the batch: {reason.decode()}")
+        self._receive(self.timing)
+        if self.observer is not None:
+            self.observer(EngineRun(*TIMING.unpack(self.timing)))
+        return self.outputs[:rows].copy()
+
+    def _receive(self, buffer: bytearray) -> None:
+        try:
+            answered = receive_exactly(self.connection, buffer)
         except OSError as exc:
             raise EngineError(f"the engine process went away: {exc}") from None
         if not answered:
             raise EngineError("the engine process went away")
-        if FRAME.unpack(self.frame)[0] != OK:
-            length = bytearray(FRAME.size)
-            receive_exactly(self.connection, length)
-            reason = bytearray(FRAME.unpack(length)[0])
-            receive_exactly(self.connection, reason)
-            raise EngineError(f"the engine failed the batch: {reason.decode()}")
-        return self.outputs[:rows].copy()
 
     def close(self) -> None:
         self.connection.close()
@@ -122,6 +135,11 @@ class RemoteRuntime:
 
     def warm_up(self) -> None:
         """Nothing to do: the engine warmed every bucket up when it loaded the model."""
+
+    def observe_engine(self, observer: Callable[[EngineRun], None]) -> None:
+        """Have ``observer`` called, on the batcher's thread, with where each batch's time in the engine went."""
+        for instance in self._instances:
+            instance.observer = observer
 
     def close(self) -> None:
         for instance in self._instances:

@@ -13,12 +13,14 @@ nothing running pays no hand-over at all.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["BatchMerger", "RowRunner"]
+__all__ = ["BatchMerger", "EngineRun", "RowRunner"]
 
 
 class RowRunner(Protocol):
@@ -28,6 +30,16 @@ class RowRunner(Protocol):
         """The first ``count`` rows of ``buffer`` through the model; may read past them, up to the padded size."""
 
 
+@dataclass(frozen=True)
+class EngineRun:
+    """Where one batch's time in the engine went: the wait for its instance, then the run it went into. A worker
+    sees only the sum (its execution time); this tells a busy instance from a slow run."""
+
+    wait_ns: int  # from arrival to the start of the run that took it
+    run_ns: int  # that run, joined with whatever else waited
+    run_rows: int  # images in that run
+
+
 class _Batch:
     """One worker's batch: the buffer holding its images, how many, where its probabilities go, how it ended."""
 
@@ -35,9 +47,11 @@ class _Batch:
         self.buffer = buffer
         self.rows = rows
         self.outputs = outputs
+        self.arrived_ns = time.perf_counter_ns()
         self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
         self.done = False
         self.error: BaseException | None = None
+        self.timing: EngineRun | None = None
 
 
 class BatchMerger:
@@ -51,10 +65,10 @@ class BatchMerger:
         self._running = False  # invariant: batches wait only while a run is under way
         self._joined: np.ndarray | None = None  # reused input buffer for joined batches, made on first use
 
-    def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> None:
+    def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> EngineRun:
         """Blocking: the first ``rows`` images of ``buffer`` through the model, their probabilities into
-        ``outputs``; raises what the run raised. A batch that runs alone is read in place, so ``buffer`` must
-        hold the padded size (the engine's shared memory holds a full batch)."""
+        ``outputs``; returns where the time went, raises what the run raised. A batch that runs alone is read in
+        place, so ``buffer`` must hold the padded size (the engine's shared memory holds a full batch)."""
         batch = _Batch(buffer, rows, outputs)
         with self._lock:
             self._waiting.append(batch)
@@ -69,6 +83,8 @@ class BatchMerger:
                 my_turn = not batch.done
         if batch.error is not None:
             raise batch.error
+        assert batch.timing is not None  # set with done, before the batch's thread is woken
+        return batch.timing
 
     def _take_turn(self) -> None:
         """Run the waiting batches that fit, oldest first; then wake the next waiting one's thread, if any."""
@@ -86,6 +102,7 @@ class BatchMerger:
                 self._running = False
 
     def _run_group(self, group: list[_Batch], rows: int) -> None:
+        started = time.perf_counter_ns()
         try:
             if len(group) == 1:
                 group[0].outputs[:rows] = self._runner.run_rows(group[0].buffer, rows)
@@ -98,7 +115,9 @@ class BatchMerger:
         except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
             for batch in group:
                 batch.error = exc
+        run_ns = time.perf_counter_ns() - started
         for batch in group:
+            batch.timing = EngineRun(started - batch.arrived_ns, run_ns, rows)
             batch.done = True
             batch.woken.set()
 

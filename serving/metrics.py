@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.engine_merge import EngineRun
+
 __all__ = ["Metrics", "ModelMetrics"]
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -27,20 +29,32 @@ class Metrics:
         self.pending = Gauge(
             "nv_inference_pending_request_count", "Requests queued, not yet running", labels, registry=registry
         )
-        self.request_latency = Histogram(
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...], *extra: str) -> Histogram:
+            return Histogram(name, documentation, (*labels, *extra), buckets=buckets, registry=registry)
+
+        self.request_latency = histogram(
             "classify_request_duration_seconds", "Request latency inside the server, by gRPC status",
-            (*labels, "status"), buckets=_LATENCY_BUCKETS, registry=registry,
+            _LATENCY_BUCKETS, "status",
         )  # fmt: skip
-        self.queue_time = Histogram(
-            "classify_queue_duration_seconds", "Time a request waited before its first execution", labels,
-            buckets=_LATENCY_BUCKETS, registry=registry,
+        self.queue_time = histogram(
+            "classify_queue_duration_seconds", "Time a request waited before its first execution", _LATENCY_BUCKETS
+        )
+        self.compute_time = histogram(
+            "classify_compute_infer_duration_seconds", "Time of one model execution", _LATENCY_BUCKETS
+        )
+        self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
+        # With --workers N an execution goes through the engine process, which joins the batches workers send at
+        # once: per batch sent, its wait there for the model instance and the joined run it went into.
+        self.engine_wait = histogram(
+            "classify_engine_wait_duration_seconds", "Time a batch waited in the engine for its model instance",
+            _LATENCY_BUCKETS,
         )  # fmt: skip
-        self.compute_time = Histogram(
-            "classify_compute_infer_duration_seconds", "Time of one model execution", labels,
-            buckets=_LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "classify_batch_size", "Images per model execution", labels, buckets=_BATCH_BUCKETS, registry=registry
+        self.engine_run = histogram(
+            "classify_engine_run_duration_seconds", "Time of the engine run a batch went into", _LATENCY_BUCKETS
+        )
+        self.engine_run_size = histogram(
+            "classify_engine_run_size", "Images in the engine run a batch went into", _BATCH_BUCKETS
         )
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
@@ -73,6 +87,9 @@ class ModelMetrics:
         self._compute = m.compute_time.labels(*labels)
         self._batch = m.batch_size.labels(*labels)
         self._queue = m.queue_time.labels(*labels)
+        self._engine_wait = m.engine_wait.labels(*labels)
+        self._engine_run = m.engine_run.labels(*labels)
+        self._engine_run_size = m.engine_run_size.labels(*labels)
         self.pending = m.pending.labels(*labels)
 
     def batch_done(self, batch_size: int, compute_ns: int) -> None:
@@ -80,6 +97,12 @@ class ModelMetrics:
         self._executions.inc()
         self._compute.observe(compute_ns / 1e9)
         self._batch.observe(batch_size)
+
+    def engine_done(self, run: EngineRun) -> None:
+        """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``)."""
+        self._engine_wait.observe(run.wait_ns / 1e9)
+        self._engine_run.observe(run.run_ns / 1e9)
+        self._engine_run_size.observe(run.run_rows)
 
     def request_done(self, images: int, queue_ns: int, total_ns: int, ok: bool) -> None:
         if ok:

@@ -201,6 +201,8 @@ class ModelRepository:
         batcher = DynamicBatcher(runtime.runners, spec.batching, executor, _Fanout(statistics, model_metrics))
         batcher.start()
         model_metrics.pending.set_function(lambda: batcher.queue_depth)
+        if isinstance(runtime, RemoteRuntime):
+            runtime.observe_engine(model_metrics.engine_done)
         return ModelVersion(spec, version, runtime, batcher, executor, statistics)
 
     async def unload(self, name: str) -> None:

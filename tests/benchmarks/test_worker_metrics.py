@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.worker_metrics import idle_workers, inside_server
+from benchmarks.worker_metrics import engine_split, idle_workers, inside_server
 
 _BUSY = {"requests": 300, "request_ms": 10.0}
 _LIGHT = {"requests": 100, "request_ms": 2.0}
@@ -30,3 +30,17 @@ def test_without_requests_or_a_client_mean_there_is_no_share(
 def test_idle_workers_are_those_that_answered_nothing() -> None:
     assert idle_workers([_BUSY, _IDLE, _LIGHT, _IDLE]) == 2
     assert idle_workers([]) is None
+
+
+def test_the_engine_split_is_weighted_by_each_workers_executions() -> None:
+    """300 requests in batches of 3 are 100 executions, 100 in batches of 1 another 100: equal weights."""
+    first = {"requests": 300, "batch": 3.0, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
+    second = {"requests": 100, "batch": 1.0, "engine_wait_ms": 2.0, "engine_run_ms": 6.0, "engine_run_images": 20.0}
+    assert engine_split([first, second, _IDLE]) == pytest.approx((3.0, 8.0, 40.0))
+
+
+def test_without_the_engine_there_is_no_engine_split() -> None:
+    """One worker runs its sessions itself: its shares carry no engine figures."""
+    alone = {"requests": 10, "batch": 2.0, "engine_wait_ms": None, "engine_run_ms": None, "engine_run_images": None}
+    assert engine_split([alone]) is None
+    assert engine_split([]) is None

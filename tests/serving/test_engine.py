@@ -13,6 +13,7 @@ import pytest
 
 from serving.engine import run_engine
 from serving.engine_client import EngineError, RemoteRuntime
+from serving.engine_merge import EngineRun
 from serving.runtime import Device, ModelRuntime, ProviderSelector
 
 DIGITS = Path("models/digits/1/model.onnx")
@@ -43,6 +44,24 @@ def test_remote_runtime_matches_local_sessions(engine: tuple[str, object]) -> No
     for runner in remote.runners:  # each instance has its own connection and shared memory
         for rows in (1, 5, 37):
             np.testing.assert_allclose(runner(images[:rows]), local.runners[0](images[:rows]), atol=1e-6)
+    remote.close()
+
+
+def test_each_batch_reports_where_its_time_in_the_engine_went(engine: tuple[str, object]) -> None:
+    """The worker's metrics split an execution into the wait for the instance and the run (``EngineRun``)."""
+    address, _ = engine
+    remote = RemoteRuntime(address, DIGITS, 1, 16, cpu_only=False)
+    seen: list[EngineRun] = []
+    remote.observe_engine(seen.append)
+    for rows in (1, 5):
+        started = time.perf_counter_ns()
+        remote.runners[0](np.zeros((rows, 28, 28, 1), np.uint8))
+        took = time.perf_counter_ns() - started
+        run = seen[-1]
+        assert run.run_rows == rows, "alone, the batch is its own run"
+        assert run.wait_ns >= 0
+        assert 0 < run.run_ns <= took
+    assert len(seen) == 2
     remote.close()
 
 

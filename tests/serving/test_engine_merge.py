@@ -9,7 +9,7 @@ from functools import partial
 
 import numpy as np
 
-from serving.engine_merge import BatchMerger
+from serving.engine_merge import BatchMerger, EngineRun
 
 
 class GatedModel:
@@ -149,3 +149,36 @@ def test_many_threads_at_once_each_get_their_own_answer() -> None:
         worker.join(60)
     assert not any(worker.is_alive() for worker in workers), "a batch was never answered"
     assert failures == []
+
+
+def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() -> None:
+    """The first batch runs at once; the two queued behind it wait until it ends, then share one run of 7."""
+    model = GatedModel()
+    merger = BatchMerger(model, 16)
+    timings: dict[int, EngineRun] = {}
+
+    def send(images: np.ndarray) -> threading.Thread:
+        def run() -> None:
+            timings[int(images[0, 0, 0])] = merger.run(images, len(images), np.zeros((len(images), 4), np.float32))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    threads = [send(_images(2, 100))]
+    assert model.started.wait(10)
+    threads += [send(_images(3, 110)), send(_images(4, 120))]
+    _wait_for(partial(_waiting_is, merger, 2))
+    held_ns = 50_000_000
+    time.sleep(held_ns / 1e9)
+    model.release.set()
+    for thread in threads:
+        thread.join(10)
+    first, second, third = timings[100], timings[110], timings[120]
+    assert first.run_rows == 2
+    assert first.run_ns >= held_ns, "the first run lasted while the model was held"
+    assert first.wait_ns < held_ns, "the first batch did not wait for anything"
+    assert second.run_rows == third.run_rows == 7
+    assert second.run_ns == third.run_ns, "one joined run, reported to both"
+    assert second.wait_ns >= held_ns
+    assert third.wait_ns >= held_ns

@@ -19,15 +19,14 @@ WORKERS = 2
 CONNECTIONS = 24
 
 
-def _requests_served(metrics_port: int) -> float:
+def _samples(metrics_port: int) -> dict[str, float]:
+    """Each sample's value by its name, summed over label sets (one model here)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "nv_inference_request_success"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
 
 
 def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Path) -> None:
@@ -51,9 +50,18 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             classify_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
 
-    served = [_requests_served(metrics_base + index) for index in range(WORKERS)]
+    samples = [_samples(metrics_base + index) for index in range(WORKERS)]
+    served = [worker["nv_inference_request_success_total"] for worker in samples]
     assert sum(served) == CONNECTIONS
     assert all(count > 0 for count in served), f"requests per worker: {served}"
+    for worker in samples:  # every execution went through the engine, which says where its time went
+        assert worker["classify_engine_run_duration_seconds_count"] == worker["classify_batch_size_count"]
+        assert worker["classify_engine_run_size_sum"] >= worker["classify_batch_size_sum"]
+        assert (
+            0
+            < worker["classify_engine_run_duration_seconds_sum"]
+            <= worker["classify_compute_infer_duration_seconds_sum"]
+        )
 
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0, server.log
