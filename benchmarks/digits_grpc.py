@@ -57,7 +57,8 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
     rows: list[dict[str, object]] = []
 
     def record(generator: str, api: str, mode: str, concurrency: int, result: LoadResult) -> None:
-        row = {"server": server.name, "generator": generator, "api": api, "mode": mode, "concurrency": concurrency}
+        row = {"server": server.name, "run": server.repeat, "generator": generator, "api": api, "mode": mode,
+               "concurrency": concurrency}  # fmt: skip
         rows.append(row | asdict(result))
         print(json.dumps(rows[-1]), flush=True)
 
@@ -83,14 +84,25 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
 
 
 def _table(rows: list[dict[str, object]]) -> str:
+    """One line per row; the ratios divide by the echo or baseline row of the same load and the same repeat
+    (``--servers server echo server echo``: each server run by the echo run next to it), else the last one."""
+
     def key(row: dict[str, object], server: str) -> tuple[object, ...]:
         return (server, row["generator"], row["api"], row["mode"], row["concurrency"])
 
-    by_key = {key(row, str(row["server"])): row for row in rows}
+    runs: dict[tuple[object, ...], list[dict[str, object]]] = {}
+    for row in rows:
+        runs.setdefault(key(row, str(row["server"])), []).append(row)
+
+    def reference(row: dict[str, object], server: str) -> dict[str, object] | None:
+        measured = runs.get(key(row, server), [])
+        repeat = int(row["run"])  # type: ignore[call-overload]
+        return measured[repeat - 1] if repeat <= len(measured) else (measured[-1] if measured else None)
+
     lines = []
     for row in rows:
-        echo = by_key.get(key(row, "echo"))
-        baseline = by_key.get(key(row, "baseline"))
+        echo = reference(row, "echo")
+        baseline = reference(row, "baseline")
         rate = float(row["images_per_s"])  # type: ignore[arg-type]
         usage = row["usage"]
         assert isinstance(usage, dict)

@@ -65,6 +65,12 @@ class Server:
         """What this server's raw files are named by: its log's name, unique in the log folder."""
         return self.log.name.removesuffix(".server.log")
 
+    @property
+    def repeat(self) -> int:
+        """1 for the first server of its name in the log folder, 2 for the next (``server-i3.2``), and so on."""
+        stem, _, number = self.tag.rpartition(".")
+        return int(number) if stem and number.isdigit() else 1
+
     def pids(self) -> list[int]:
         """The parent and every worker: all their CPU time is the server's."""
         try:
@@ -192,7 +198,8 @@ def start_server(
     metrics_ports: Sequence[int] = (),
 ) -> Server:
     """Start ``command`` and wait until its log holds ``ready_line`` ``count`` times (once per worker). A name
-    already measured in ``log_dir`` gets a numbered log (``server-i3.2.server.log``): a repeat keeps both."""
+    already measured in ``log_dir``, in this run or an earlier one, gets a numbered log
+    (``server-i3.2.server.log``): a repeat keeps both."""
     stem = name.replace(":", "-")
     log = log_dir / f"{stem}.server.log"
     for repeat in itertools.count(2):
@@ -355,8 +362,14 @@ def perf_analyzer_result(report: Path, log: Path) -> LoadResult:
         p90_ms=float(row["p90 latency"]) / 1000,
         p99_ms=float(row["p99 latency"]) / 1000,
         raw=report.name,
-        mean_ms=float(_AVG_LATENCY.findall(log.read_text())[-1]) / 1000,
+        mean_ms=_mean_latency_ms(log),
     )
+
+
+def _mean_latency_ms(log: Path) -> float | None:
+    """The last run's mean latency in perf_analyzer's log; None if it printed none."""
+    found = _AVG_LATENCY.findall(log.read_text(errors="replace"))
+    return float(found[-1]) / 1000 if found else None
 
 
 def classify_bench(

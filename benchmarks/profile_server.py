@@ -40,7 +40,8 @@ _WORKERS_STARTED = re.compile(r"pids \[([\d, ]+)\]; engine pid (\d+)")
 def summarise(collapsed: Path, top: int, gil_chances: int | None = None) -> str:
     """The ``top`` frames by self and by inclusive samples, in percent of all samples. With py-spy's ``--gil``
     only a thread holding the GIL is sampled, so samples over ``gil_chances`` (rate times seconds) is the share
-    of the time the process's GIL was held: near 100%, its Python code is the limit, whatever its CPU use."""
+    of the time the process's GIL was held, at least (a sampler that falls behind its rate misses some): near
+    100%, its Python code is the limit, whatever its CPU use."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -54,7 +55,8 @@ def summarise(collapsed: Path, top: int, gil_chances: int | None = None) -> str:
             inclusive[frame] += count
     lines = [f"{total} samples"]
     if gil_chances:
-        lines.append(f"GIL held {100 * total / gil_chances:.0f}% of the time ({total} of {gil_chances} samples)")
+        held = f"{100 * total / gil_chances:.0f}%"
+        lines.append(f"GIL held at least {held} of the time ({total} of {gil_chances} samples)")
     for title, counter in (("self", own), ("inclusive", inclusive)):
         lines.append(f"-- by {title} samples --")
         lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in counter.most_common(top)]

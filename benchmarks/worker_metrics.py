@@ -47,6 +47,7 @@ class WorkerShare:
     batch: float | None  # mean images per execution
     # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run it
     # went into (time and images); None without the engine
+    engine_batches: int = 0
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
     engine_run_images: float | None = None
@@ -99,6 +100,7 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         queue_ms=mean("queue_s", "queue_n", 1e3),
         compute_ms=mean("compute_s", "compute_n", 1e3),
         batch=mean("images", "compute_n", 1.0),
+        engine_batches=round(run["engine_n"]),
         engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
         engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
         engine_run_images=mean("engine_images", "engine_n", 1.0),
@@ -123,14 +125,13 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
 
 def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
     """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
-    it went into (ms) and that run's mean images. Workers are weighted by their executions (requests over
-    images per execution: exact when every request holds as many images). None without the engine."""
-    sent = [w for w in shares if w["requests"] and w.get("engine_run_ms") is not None]
+    it went into (ms) and that run's mean images. None without the engine."""
+    sent = [w for w in shares if w.get("engine_batches")]
     if not sent:
         return None
-    weights = [w["requests"] / w["batch"] for w in sent]
+    batches = sum(w["engine_batches"] for w in sent)
 
     def mean(key: str) -> float:
-        return float(sum(w[key] * weight for w, weight in zip(sent, weights, strict=True)) / sum(weights))
+        return float(sum(w[key] * w["engine_batches"] for w in sent) / batches)
 
     return mean("engine_wait_ms"), mean("engine_run_ms"), mean("engine_run_images")

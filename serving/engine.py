@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.engine_merge import BatchMerger, EngineRun
+from serving.engine_merge import BatchMerger
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
 
 __all__ = [
@@ -152,7 +152,7 @@ class _Engine:
             while receive_exactly(connection, frame):
                 (rows,) = FRAME.unpack(frame)
                 try:
-                    timing: EngineRun = merger.run(inputs, rows, outputs[:rows])
+                    timing = merger.run(inputs, rows, outputs[:rows])
                 except Exception as exc:  # the worker fails this batch's requests with the reason
                     reason = f"{type(exc).__name__}: {exc}".encode()
                     connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)

@@ -8,6 +8,7 @@ memory, sends the row count and waits for the engine's answer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import mmap
 import os
 import socket
@@ -22,6 +23,8 @@ from serving.engine_merge import EngineRun
 from serving.runtime import DeviceUnavailable
 
 __all__ = ["EngineError", "RemoteRuntime"]
+
+_log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -79,7 +82,10 @@ class _Instance:
             raise EngineError(f"the engine failed the batch: {reason.decode()}")
         self._receive(self.timing)
         if self.observer is not None:
-            self.observer(EngineRun(*TIMING.unpack(self.timing)))
+            try:
+                self.observer(EngineRun(*TIMING.unpack(self.timing)))
+            except Exception:  # a statistic must not fail a batch that ran
+                _log.exception("recording the engine's timing failed")
         return self.outputs[:rows].copy()
 
     def _receive(self, buffer: bytearray) -> None:
@@ -137,7 +143,8 @@ class RemoteRuntime:
         """Nothing to do: the engine warmed every bucket up when it loaded the model."""
 
     def observe_engine(self, observer: Callable[[EngineRun], None]) -> None:
-        """Have ``observer`` called, on the batcher's thread, with where each batch's time in the engine went."""
+        """Have ``observer`` called with where each batch's time in the engine went, on the batcher's executor
+        thread that ran the batch (not the event loop's): it must be thread-safe, as Prometheus metrics are."""
         for instance in self._instances:
             instance.observer = observer
 

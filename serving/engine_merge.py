@@ -36,7 +36,7 @@ class EngineRun:
     sees only the sum (its execution time); this tells a busy instance from a slow run."""
 
     wait_ns: int  # from arrival to the start of the run that took it
-    run_ns: int  # that run, joined with whatever else waited
+    run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
     run_rows: int  # images in that run
 
 

@@ -99,7 +99,8 @@ class ModelMetrics:
         self._batch.observe(batch_size)
 
     def engine_done(self, run: EngineRun) -> None:
-        """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``)."""
+        """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``), on the
+        executor thread that sent it. Exported by every server, recorded only with ``--workers N``."""
         self._engine_wait.observe(run.wait_ns / 1e9)
         self._engine_run.observe(run.run_ns / 1e9)
         self._engine_run_size.observe(run.run_rows)

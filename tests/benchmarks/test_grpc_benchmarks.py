@@ -190,6 +190,7 @@ def test_a_server_measured_twice_keeps_both_runs_raw_files(repo_root: Path, tmp_
     )  # fmt: skip
     rows = json.loads((logs / "digits_grpc.json").read_text())
     assert [row["raw"] for row in rows] == ["echo.kserve.unary.bench.json", "echo.2.kserve.unary.bench.json"]
+    assert [row["run"] for row in rows] == [1, 2]
     assert all((logs / row["raw"]).is_file() for row in rows)
     assert (logs / "echo.server.log").is_file()
     assert (logs / "echo.2.server.log").is_file()
@@ -205,3 +206,17 @@ def test_perf_analyzer_figures_are_read_from_its_report_and_log(repo_root: Path,
     )
     expected = {"server": (26888.8, 18.311, 37.52, 18.866), "echo": (42952.2, 11.213, 25.25, 11.809)}[server]
     assert (result.images_per_s, result.p50_ms, result.p99_ms, result.mean_ms) == pytest.approx(expected)
+
+
+def test_alternated_runs_divide_by_the_echo_run_of_the_same_repeat() -> None:
+    """--servers server echo server echo: the second server run is compared with the second echo run."""
+
+    def row(server: str, run: int, rate: float) -> dict[str, object]:
+        usage: dict[str, object] = {"server_cores": 1.0, "box_percent": 50.0, "gpu_percent": None, "workers": []}
+        return {"server": server, "run": run, "generator": "perf_analyzer", "api": "kserve", "mode": "unary",
+                "concurrency": 8, "images_per_s": rate, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "errors": 0,
+                "usage": usage, "mean_ms": 1.0}  # fmt: skip
+
+    rows = [row("server", 1, 100.0), row("echo", 1, 200.0), row("server", 2, 300.0), row("echo", 2, 400.0)]
+    to_echo = [cells[0] for cells in _ratio_cells(digits_grpc._table(rows), "server", 2)]
+    assert to_echo == ["0.50", "0.75"]

@@ -32,15 +32,15 @@ def test_idle_workers_are_those_that_answered_nothing() -> None:
     assert idle_workers([]) is None
 
 
-def test_the_engine_split_is_weighted_by_each_workers_executions() -> None:
-    """300 requests in batches of 3 are 100 executions, 100 in batches of 1 another 100: equal weights."""
-    first = {"requests": 300, "batch": 3.0, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
-    second = {"requests": 100, "batch": 1.0, "engine_wait_ms": 2.0, "engine_run_ms": 6.0, "engine_run_images": 20.0}
-    assert engine_split([first, second, _IDLE]) == pytest.approx((3.0, 8.0, 40.0))
+def test_the_engine_split_is_weighted_by_each_workers_batches() -> None:
+    """300 batches at 4 ms and 100 at 2 ms wait 3.5 ms on average, not the 3 ms of the workers' plain mean."""
+    first = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
+    second = {"engine_batches": 100, "engine_wait_ms": 2.0, "engine_run_ms": 6.0, "engine_run_images": 20.0}
+    assert engine_split([first, second, _IDLE]) == pytest.approx((3.5, 9.0, 50.0))
 
 
 def test_without_the_engine_there_is_no_engine_split() -> None:
     """One worker runs its sessions itself: its shares carry no engine figures."""
-    alone = {"requests": 10, "batch": 2.0, "engine_wait_ms": None, "engine_run_ms": None, "engine_run_images": None}
+    alone = {"engine_batches": 0, "engine_wait_ms": None, "engine_run_ms": None, "engine_run_images": None}
     assert engine_split([alone]) is None
     assert engine_split([]) is None

@@ -65,6 +65,22 @@ def test_each_batch_reports_where_its_time_in_the_engine_went(engine: tuple[str,
     remote.close()
 
 
+def test_a_failing_timing_observer_does_not_fail_the_batch(
+    engine: tuple[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch ran: its answer counts more than a statistic about it."""
+    address, _ = engine
+    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False)
+
+    def broken(run: EngineRun) -> None:
+        raise RuntimeError("metrics are down")
+
+    remote.observe_engine(broken)
+    assert remote.runners[0](np.zeros((2, 28, 28, 1), np.uint8)).shape == (2, 10)
+    assert "recording the engine's timing failed" in caplog.text
+    remote.close()
+
+
 def test_instances_of_one_file_share_the_engine_runtime(engine: tuple[str, object]) -> None:
     """Eight workers asking for the same model get one set of sessions, not eight."""
     address, _ = engine

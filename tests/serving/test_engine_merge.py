@@ -174,6 +174,7 @@ def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() 
     model.release.set()
     for thread in threads:
         thread.join(10)
+        assert not thread.is_alive(), "a batch never came back"
     first, second, third = timings[100], timings[110], timings[120]
     assert first.run_rows == 2
     assert first.run_ns >= held_ns, "the first run lasted while the model was held"
