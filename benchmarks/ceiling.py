@@ -20,6 +20,10 @@ what the server runs today (a ``ModelRuntime`` and its runner, at the precision 
 The ``diff`` column is the largest probability difference from the first variant run, on the same batch:
 a variant that runs fast because it computes something else shows there.
 
+``--instances N [M ...]`` opens N (then M, ...) instances of each variant the server could run that way
+(not ``iobinding`` nor ``cudagraph``, bound to one session) and keeps all of them busy at once, one thread
+each, as the engine does with a model's instances: the in-process limit for a server configured with N.
+
     python -m benchmarks.ceiling --device cuda --json /tmp/ceiling.json
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +60,7 @@ VARIANTS = ("server", "fp32", "iobinding", *_CUDA_ONLY)
 _WARM_UP_RUNS = 5  # ONNX Runtime captures a CUDA graph only after a graph id's first few runs
 _MIN_RUNS = 20  # per row, however long each run takes, so p99 is not just the slowest of a handful
 _FULL_TIME_BATCH = 16  # larger batches are timed for --seconds * 16 / batch: their runs are long and steady
+_ONE_SESSION = ("iobinding", "cudagraph")  # bound to instance 0's sessions: no --instances
 
 
 @dataclass(frozen=True)
@@ -71,26 +77,29 @@ class Row:
     max_abs_diff: float | None  # against the first variant run on the same batch; None for that one
     providers: list[str]
     fp16: bool  # the model ran in float16
+    instances: int = 1  # run at once, one thread each
 
 
 @dataclass(frozen=True)
 class _Built:
-    """A variant ready to time: its sessions and one inference function per bucket."""
+    """A variant ready to time: its sessions and, per bucket, one inference function per instance."""
 
     runtime: ModelRuntime
-    infer: dict[int, Infer]
+    infer: dict[int, list[Infer]]
 
 
-def _runtime(path: Path, spec: ModelSpec, device: Device, fp16: bool | None = None, **cuda: str) -> ModelRuntime:
-    """One instance opened exactly as the server opens it, with ``cuda`` options over the server's own and
+def _runtime(
+    path: Path, spec: ModelSpec, device: Device, fp16: bool | None = None, instances: int = 1, **cuda: str
+) -> ModelRuntime:
+    """``instances`` opened exactly as the server opens them, with ``cuda`` options over the server's own and
     ``fp16`` over the model's precision."""
     precision = spec.fp16 if fp16 is None else fp16
     options = {**dict(spec.cuda_options), **cuda}  # the variant's over the model's, over the process's
-    return ModelRuntime(path, 1, spec.max_batch_size, ProviderSelector(device), options, precision)
+    return ModelRuntime(path, instances, spec.max_batch_size, ProviderSelector(device), options, precision)
 
 
 def _as_served(runtime: ModelRuntime, buckets: Sequence[int]) -> _Built:
-    return _Built(runtime, {bucket: runtime.runners[0] for bucket in buckets})
+    return _Built(runtime, {bucket: list(runtime.runners) for bucket in buckets})
 
 
 def _bound(runtime: ModelRuntime, buckets: Sequence[int], input_on: str, output_on: str, graphs: bool) -> _Built:
@@ -102,7 +111,7 @@ def _bound(runtime: ModelRuntime, buckets: Sequence[int], input_on: str, output_
     ``graphs``, each bucket runs under its own ``gpu_graph_id``, so a session that serves several buckets
     keeps one CUDA graph per bucket, each replayed against the fixed addresses bound here.
     """
-    infer: dict[int, Infer] = {}
+    infer: dict[int, list[Infer]] = {}
     for graph_id, bucket in enumerate(buckets):
         session = runtime.instances[0][bucket]
         input_shape, output_shape = (bucket, *runtime.input.shape[1:]), (bucket, *runtime.output.shape[1:])
@@ -114,7 +123,7 @@ def _bound(runtime: ModelRuntime, buckets: Sequence[int], input_on: str, output_
         run_options = ort.RunOptions()
         if graphs:
             run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        infer[bucket] = _bound_run(session, binding, run_options, images, scores)
+        infer[bucket] = [_bound_run(session, binding, run_options, images, scores)]
     return _Built(runtime, infer)
 
 
@@ -128,32 +137,46 @@ def _bound_run(session: ort.InferenceSession, binding: Any, run_options: Any, im
     return run
 
 
-def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: Sequence[int]) -> _Built:
+def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: Sequence[int], instances: int) -> _Built:
     """Open the sessions of one variant; see the module docstring for what each one changes."""
     if variant in ("server", "fp32", "fp16"):
-        return _as_served(_runtime(path, spec, device, {"fp32": False, "fp16": True}.get(variant)), buckets)
+        precision = {"fp32": False, "fp16": True}.get(variant)
+        return _as_served(_runtime(path, spec, device, precision, instances), buckets)
     if variant == "iobinding":
         return _bound(_runtime(path, spec, device), buckets, device.value, "cpu", graphs=False)
     if variant == "cudagraph":
         return _bound(_runtime(path, spec, device, enable_cuda_graph="1"), buckets, "cuda", "cuda", graphs=True)
     if variant == "nhwc":
-        return _as_served(_runtime(path, spec, device, prefer_nhwc="1"), buckets)
-    return _as_served(_runtime(path, spec, device, cudnn_conv_algo_search="HEURISTIC"), buckets)  # heuristic
+        return _as_served(_runtime(path, spec, device, instances=instances, prefer_nhwc="1"), buckets)
+    heuristic = _runtime(path, spec, device, instances=instances, cudnn_conv_algo_search="HEURISTIC")
+    return _as_served(heuristic, buckets)
 
 
-def _time(infer: Infer, batch: np.ndarray, seconds: float) -> tuple[list[int], int]:
-    """Per-run latencies (ns) and the wall time of the timed loop, after the warm-up runs."""
-    for _ in range(_WARM_UP_RUNS):
-        infer(batch)
-    latencies: list[int] = []
+def _time(infers: Sequence[Infer], batch: np.ndarray, seconds: float) -> tuple[list[int], int]:
+    """Per-run latencies (ns) of every instance, each kept busy on its own thread, and the wall time from the
+    start until the last one stops, after the warm-up runs."""
+    for infer in infers:
+        for _ in range(_WARM_UP_RUNS):
+            infer(batch)
+    latencies: list[list[int]] = [[] for _ in infers]
+    ends = [0] * len(infers)
     start = time.perf_counter_ns()
     deadline = start + int(seconds * 1e9)
-    now = start
-    while len(latencies) < _MIN_RUNS or now < deadline:
-        infer(batch)
-        latencies.append(time.perf_counter_ns() - now)
-        now += latencies[-1]
-    return latencies, now - start
+
+    def keep_busy(index: int) -> None:
+        mine, now = latencies[index], time.perf_counter_ns()
+        while len(mine) < _MIN_RUNS or now < deadline:
+            infers[index](batch)
+            mine.append(time.perf_counter_ns() - now)
+            now += mine[-1]
+        ends[index] = now
+
+    threads = [threading.Thread(target=keep_busy, args=(index,)) for index in range(len(infers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [latency for mine in latencies for latency in mine], max(ends) - start
 
 
 def _measure_model(name: str, args: argparse.Namespace, device: Device, variants: Sequence[str]) -> list[Row]:
@@ -165,11 +188,15 @@ def _measure_model(name: str, args: argparse.Namespace, device: Device, variants
     batches = {bucket: rng.integers(0, 256, (bucket, *shape), dtype=np.uint8) for bucket in buckets}
     references: dict[int, np.ndarray] = {}
     rows: list[Row] = []
-    for variant in variants:
-        built = _build(variant, newest_model(model_dir), spec, device, buckets)
+    # Each variant at each instance count; the one-session variants once, at one.
+    plan = {
+        (variant, 1 if variant in _ONE_SESSION else count): None for variant in variants for count in args.instances
+    }
+    for variant, instances in plan:
+        built = _build(variant, newest_model(model_dir), spec, device, buckets, instances)
         for bucket in buckets:
             batch = batches[bucket]
-            scores = built.infer[bucket](batch).copy()
+            scores = built.infer[bucket][0](batch).copy()
             reference = references.setdefault(bucket, scores)
             seconds = args.seconds * min(1.0, _FULL_TIME_BATCH / bucket)
             latencies, wall_ns = _time(built.infer[bucket], batch, seconds)
@@ -185,6 +212,7 @@ def _measure_model(name: str, args: argparse.Namespace, device: Device, variants
                     max_abs_diff=None if scores is reference else float(np.abs(scores - reference).max()),
                     providers=built.runtime.providers,
                     fp16=built.runtime.fp16,
+                    instances=instances,
                 )
             )
             print(json.dumps(asdict(rows[-1])), flush=True)
@@ -193,11 +221,12 @@ def _measure_model(name: str, args: argparse.Namespace, device: Device, variants
 
 
 def _table(rows: Sequence[Row]) -> str:
-    headers = ["model", "variant", "batch", "images/s", "p50 ms", "p99 ms", "runs", "diff"]
+    headers = ["model", "variant", "inst", "batch", "images/s", "p50 ms", "p99 ms", "runs", "diff"]
     cells = [
-        [r.model, r.variant, r.batch, r.images_per_s, f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}", r.runs, _diff(r)]
+        [r.model, r.variant, r.instances, r.batch, r.images_per_s, f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}", r.runs,
+         _diff(r)]
         for r in rows
-    ]
+    ]  # fmt: skip
     return format_table(headers, cells)
 
 
@@ -215,6 +244,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--seconds", type=float, default=1.0, help="timed seconds per row, less above batch 16 (at least 20 runs)"
     )
     parser.add_argument("--max-batch", type=int, default=None, help="only buckets up to this size (quick checks)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="instance counts, each kept busy at once, one thread per instance (not iobinding, cudagraph)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     args = parser.parse_args(argv)
     device = Device(args.device)

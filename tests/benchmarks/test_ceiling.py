@@ -41,3 +41,23 @@ def test_accuracy_runs_on_a_few_mnist_digits(
     assert min(float(fp32), float(fp16), float(nhwc)) > 0.95
     assert float(fp16_points) == pytest.approx(100 * (float(fp16) - float(fp32)), abs=0.01)
     assert float(nhwc_points) == pytest.approx(100 * (float(nhwc) - float(fp32)), abs=0.01)
+
+
+def test_instances_are_kept_busy_at_once_where_the_server_could_run_them(repo_root: Path, tmp_path: Path) -> None:
+    """--instances 1 2: the served variants run at one and at two instances, two on two threads, each its
+    minimum of runs; the variants bound to one session run once, at one."""
+    output = tmp_path / "ceiling.json"
+    repository = ["--model-repository", str(repo_root / "models"), "--models", "digits"]
+    ceiling.main(
+        [*repository, "--device", "cpu", "--variants", "server", "iobinding", "--seconds", "0.01", "--max-batch", "2",
+         "--instances", "1", "2", "--json", str(output)]
+    )  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert sorted((row["variant"], row["instances"], row["batch"]) for row in rows) == [
+        ("iobinding", 1, 1), ("iobinding", 1, 2),
+        ("server", 1, 1), ("server", 1, 2), ("server", 2, 1), ("server", 2, 2),
+    ]  # fmt: skip
+    for row in rows:
+        assert row["runs"] >= 20 * row["instances"], "every instance ran its own minimum"
+        assert row["images_per_s"] > 0
+    assert max(row["max_abs_diff"] for row in rows if row["variant"] == "iobinding") < 1e-5
