@@ -74,7 +74,8 @@ def decode_ceiling(folder: Path, processes: int, seconds: float) -> float:
 def model_ceilings(path: Path | None) -> dict[str, float]:
     """The best in-process images/s for catdog per precision (``fp32``, ``fp16``), from ``benchmarks.ceiling``:
     the ``server`` variant at the precision it ran (what the server runs), the ``fp32`` or ``fp16`` variant at
-    the other, at whichever instance count (``--instances``) the file measured did best. Rows from before the ``fp16`` field ran float16 only in the ``fp16`` variant."""
+    the other, at whichever instance count (``--instances``) the file measured did best. Rows from before the
+    ``fp16`` field ran float16 only in the ``fp16`` variant."""
     best: dict[tuple[str, str], float] = {}
     for row in json.loads(path.read_text())["rows"] if path else []:
         if row["model"] == MODEL and row["variant"] in ("server", "fp32", "fp16"):
