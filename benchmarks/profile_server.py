@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import psutil
-
 from benchmarks.catdog_grpc import extract_validation_photos
 from benchmarks.harness import (
     Server,
@@ -137,8 +135,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 targets = profiled_processes(server)
                 collapsed = {name: log_dir / f"profile.{tag}.{name}.collapsed.txt" for name in targets}
                 with sample_usage(server) as usage:
-                    cpu_before = {name: _cpu_seconds(pid) for name, pid in targets.items()}
-                    started = time.perf_counter()
                     spies = {
                         name: record(args.py_spy, pid, args.seconds, collapsed[name], args.gil)
                         for name, pid in targets.items()
@@ -147,8 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         _, errors = spy.communicate()
                         if spy.returncode != 0:
                             raise RuntimeError(f"py-spy on the {name} failed: {errors.decode()[-2000:]}")
-                    elapsed = time.perf_counter() - started
-                    cores = {name: (_cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in targets.items()}
+                cores = {name: usage.process_cores.get(pid) for name, pid in targets.items()}
                 generator.wait(120)
         finally:
             server.stop()
@@ -162,11 +157,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     (log_dir / f"profile.{tag}.summary.txt").write_text("\n".join(report) + "\n")
     print("\n".join(report))
-
-
-def _cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 if __name__ == "__main__":
