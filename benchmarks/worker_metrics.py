@@ -116,22 +116,22 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
     """The part of a request's mean latency, as its client measured it, spent inside the workers' handlers
     (decoding, batcher queue, execution); the rest is the gRPC layer's, both ends, and the client's. None
     without shares or a client mean."""
-    answered = sum(worker["requests"] for worker in shares)
-    if not answered or not client_mean_ms:
-        return None
-    inside = sum(worker["request_ms"] * worker["requests"] for worker in shares if worker["requests"]) / answered
-    return float(inside / client_mean_ms)
+    inside = _weighted_mean(shares, "request_ms", "requests")
+    return inside / client_mean_ms if inside is not None and client_mean_ms else None
 
 
 def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
     """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
     it went into (ms) and that run's mean images. None without the engine."""
-    sent = [w for w in shares if w.get("engine_batches")]
-    if not sent:
-        return None
-    batches = sum(w["engine_batches"] for w in sent)
+    wait, run, images = (
+        _weighted_mean(shares, key, "engine_batches")
+        for key in ("engine_wait_ms", "engine_run_ms", "engine_run_images")
+    )
+    return None if wait is None or run is None or images is None else (wait, run, images)
 
-    def mean(key: str) -> float:
-        return float(sum(w[key] * w["engine_batches"] for w in sent) / batches)
 
-    return mean("engine_wait_ms"), mean("engine_run_ms"), mean("engine_run_images")
+def _weighted_mean(shares: Sequence[Mapping[str, Any]], key: str, weight: str) -> float | None:
+    """The workers' ``key`` means joined into one, each weighted by its ``weight`` count; None if all are 0."""
+    counted = [worker for worker in shares if worker.get(weight)]
+    total = sum(worker[weight] for worker in counted)
+    return float(sum(worker[key] * worker[weight] for worker in counted) / total) if total else None
