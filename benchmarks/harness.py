@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import itertools
 import json
 import os
 import re
@@ -59,17 +58,12 @@ class Server:
     port: int
     log: Path
     metrics_ports: tuple[int, ...] = ()  # one per worker; none for the echo server
+    repeat: int = 1  # 1 for the first server of its name in the log folder, 2 for the next, and so on
 
     @property
     def tag(self) -> str:
         """What this server's raw files are named by: its log's name, unique in the log folder."""
         return self.log.name.removesuffix(".server.log")
-
-    @property
-    def repeat(self) -> int:
-        """1 for the first server of its name in the log folder, 2 for the next (``server-i3.2``), and so on."""
-        stem, _, number = self.tag.rpartition(".")
-        return int(number) if stem and number.isdigit() else 1
 
     def pids(self) -> list[int]:
         """The parent and every worker: all their CPU time is the server's."""
@@ -201,14 +195,12 @@ def start_server(
     already measured in ``log_dir``, in this run or an earlier one, gets a numbered log
     (``server-i3.2.server.log``): a repeat keeps both."""
     stem = name.replace(":", "-")
-    log = log_dir / f"{stem}.server.log"
-    for repeat in itertools.count(2):
-        if not log.exists():
-            break
-        log = log_dir / f"{stem}.{repeat}.server.log"
+    repeat = 1
+    while (log := log_dir / f"{stem}{'' if repeat == 1 else f'.{repeat}'}.server.log").exists():
+        repeat += 1
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(name, process, port, log, tuple(metrics_ports))
+    server = Server(name, process, port, log, tuple(metrics_ports), repeat)
     give_up = time.monotonic() + _READY_TIMEOUT
     while log.read_text(errors="replace").count(ready_line) < count:
         if process.poll() is not None or time.monotonic() > give_up:
