@@ -39,6 +39,7 @@ __all__ = [
     "repository",
     "sample_usage",
     "server_command",
+    "server_flags",
     "server_repository",
     "start_classify_server",
     "start_named_server",
@@ -46,7 +47,9 @@ __all__ = [
 ]
 
 _READY_TIMEOUT = 300.0
-_CHANGE = re.compile(r"i(?P<instances>\d+)|d(?P<delay>\d+)|(?P<precision>fp16|fp32)|(?P<layout>nhwc|nchw)")
+_CHANGE = re.compile(
+    r"i(?P<instances>\d+)|d(?P<delay>\d+)|(?P<precision>fp16|fp32)|(?P<layout>nhwc|nchw)|t(?P<decode_threads>\d+)"
+)
 
 
 @dataclass
@@ -119,14 +122,8 @@ def repository(
     return target
 
 
-def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
-    """The repository for a named server: ``server`` (the committed config) or ``baseline`` (batching off), with
-    changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32`` the precision
-    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off.
-
-    Raises:
-        ValueError: an unknown name or change, or one setting changed twice.
-    """
+def _changes(name: str) -> dict[str, str]:
+    """The settings a server name changes: ``server:i2:fp32`` -> ``{"instances": "2", "precision": "fp32"}``."""
     base, *changes = name.split(":")
     if base not in ("server", "baseline"):
         raise ValueError(f"server {name!r}: the name starts with server or baseline")
@@ -134,11 +131,24 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
     for change in changes:
         match = _CHANGE.fullmatch(change)
         if match is None:
-            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw)")
+            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw, tN)")
         ((setting, value),) = ((key, value) for key, value in match.groupdict().items() if value is not None)
         if setting in settings:
             raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
         settings[setting] = value
+    return settings
+
+
+def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
+    """The repository for a named server: ``server`` (the committed config) or ``baseline`` (batching off), with
+    changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32`` the precision
+    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off (``:tN`` is a server flag,
+    ``server_flags``).
+
+    Raises:
+        ValueError: an unknown name or change, or one setting changed twice.
+    """
+    settings = _changes(name)
     parameters = {"precision": settings["precision"]} if "precision" in settings else {}
     if "layout" in settings:
         parameters["prefer_nhwc"] = "1" if settings["layout"] == "nhwc" else "0"
@@ -146,19 +156,27 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         source,
         scratch / name.replace(":", "-"),
         [model],
-        batching=base == "server",
+        batching=not name.startswith("baseline"),
         instances=int(settings["instances"]) if "instances" in settings else None,
         delay_us=int(settings["delay"]) if "delay" in settings else None,
         parameters=parameters,
     )
 
 
-def server_command(repository: Path, port: int, device: str, workers: int, metrics_port: int = 0) -> list[str]:
+def server_flags(name: str) -> list[str]:
+    """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker."""
+    settings = _changes(name)
+    return ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
+
+
+def server_command(
+    repository: Path, port: int, device: str, workers: int, metrics_port: int = 0, flags: Sequence[str] = ()
+) -> list[str]:
     """``classify-server`` on ``repository``, loopback only; worker i serves metrics on ``metrics_port`` + i."""
     return [
         sys.executable, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
         "--port", str(port), "--metrics-port", str(metrics_port), "--device", device, "--workers", str(workers),
-        "--log-level", "info",
+        "--log-level", "info", *flags,
     ]  # fmt: skip
 
 
@@ -210,10 +228,12 @@ def start_server(
     return server
 
 
-def start_classify_server(name: str, repository: Path, device: str, workers: int, log_dir: Path) -> Server:
+def start_classify_server(
+    name: str, repository: Path, device: str, workers: int, log_dir: Path, flags: Sequence[str] = ()
+) -> Server:
     """``classify-server`` on ``repository`` on free ports, each worker's metrics on one of its own."""
     port, metrics = free_port(), free_port_run(workers)
-    command = server_command(repository, port, device, workers, metrics)
+    command = server_command(repository, port, device, workers, metrics, flags)
     return start_server(name, command, port, SERVER_READY, workers, log_dir, range(metrics, metrics + workers))
 
 
@@ -223,7 +243,7 @@ def start_named_server(
     """The server ``name`` stands for (``server_repository``) with ``workers`` workers, or one for a baseline."""
     repository = server_repository(source, scratch, model, name)
     count = 1 if name.split(":")[0] == "baseline" else workers
-    return start_classify_server(name, repository, device, count, log_dir)
+    return start_classify_server(name, repository, device, count, log_dir, server_flags(name))
 
 
 @dataclass

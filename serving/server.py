@@ -61,7 +61,7 @@ class ClassifyServer:
             drain_grace=settings.grace_period,
             engine=engine,
         )
-        self.decode_executor = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+        self.decode_executor = ThreadPoolExecutor(settings.decode_pool_size(), thread_name_prefix="decode")
         limits = ImageLimits(max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.dataplane = DataPlane(self.repository, self.metrics, self.decode_executor, limits)
         self.health = health.aio.HealthServicer()
@@ -122,8 +122,9 @@ class ClassifyServer:
                                    f"{exc.strerror}") from None  # fmt: skip
             self.metrics_port = self._metrics_server.server_port
         _log.info(
-            "listening on %s port %d (%s), metrics port %d, health port %d",
+            "listening on %s port %d (%s), metrics port %d, health port %d; decoding on %d threads",
             self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port, self.health_port,
+            self.settings.decode_pool_size(),
         )  # fmt: skip
         await self.repository.load_all()
         if self.repository.ready:

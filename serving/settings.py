@@ -37,6 +37,9 @@ class Settings:
     max_image_bytes: int = field(default=16 << 20, metadata={"help": "largest encoded image accepted"})
     max_image_pixels: int = field(default=50_000_000, metadata={"help": "largest decoded image (width x height)"})
     workers: int = field(default=1, metadata={"help": "server processes sharing the port, each with its own sessions"})
+    decode_threads: int = field(
+        default=0, metadata={"help": "image decode threads per server process; 0: the machine's cores over --workers"}
+    )
     grace_period: float = field(default=30.0, metadata={"help": "seconds to finish in-flight requests on SIGTERM"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve gRPC over TLS"})
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
@@ -46,6 +49,11 @@ class Settings:
     health_port: int = field(
         default=0, metadata={"help": "plaintext port with only grpc.health.v1, for Kubernetes probes under TLS; 0: off"}
     )
+
+    def decode_pool_size(self) -> int:
+        """``decode_threads``, or the cores shared among the workers: more threads per process than that only
+        queue for its GIL between decodes."""
+        return self.decode_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
@@ -112,6 +120,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if settings.workers < 1:
         parser.error("--workers must be at least 1")
+    if settings.decode_threads < 0:
+        parser.error("--decode-threads must be 0 (one share of the cores per worker) or more")
     if settings.workers > 1 and settings.port == 0:
         parser.error("--workers above 1 needs a fixed --port: the workers share it")
     return settings

@@ -17,6 +17,7 @@ from benchmarks.harness import (
     free_port,
     perf_analyzer,
     perf_analyzer_result,
+    server_flags,
     server_repository,
     start_server,
 )
@@ -61,10 +62,18 @@ def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_
     assert served == committed, "the plain server runs the committed, tuned config"
 
 
+def test_decode_threads_are_a_server_flag_not_a_config_change(repo_root: Path, tmp_path: Path) -> None:
+    models = repo_root / "models"
+    assert server_flags("server:t2:i1") == ["--decode-threads", "2"]
+    assert server_flags("server:i1") == []
+    threads = _config(server_repository(models, tmp_path / "a", "digits", "server:t2:i1"), "digits")
+    assert threads == _config(server_repository(models, tmp_path / "b", "digits", "server:i1"), "digits")
+
+
 @pytest.mark.parametrize(
     ("name", "error"),
     [("server:fp61", "unknown change 'fp61'"), ("server:fp16:fp32", "changes the precision again"),
-     ("fast", "starts with server or baseline")],
+     ("server:t2:t4", "changes the decode_threads again"), ("fast", "starts with server or baseline")],
 )  # fmt: skip
 def test_a_server_name_that_says_nothing_clear_is_refused(
     repo_root: Path, tmp_path: Path, name: str, error: str

@@ -91,6 +91,19 @@ def test_jpeg_photos_from_the_zip(stub: classify_pb2_grpc.ClassifierStub, val_ph
     assert _top(response) == [("cat", "dog")[photo.label] for photo in val_photos]
 
 
+def test_one_decode_thread_decodes_a_request_of_many_photos(
+    start_server: Callable[..., ServerProcess], repository: Path, val_photos: list[Photo]
+) -> None:
+    """--decode-threads sizes each process's decode pool; a request's images then queue for it, still in order."""
+    server = start_server("--model-repository", str(repository), "--device", "cpu", "--decode-threads", "1")
+    assert "decoding on 1 threads" in server.log
+    with grpc.insecure_channel(server.address) as channel:
+        response = classify_pb2_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(model="catdog", images=[pb.Image(encoded=p.data) for p in val_photos * 3])
+        )
+    assert _top(response) == [("cat", "dog")[photo.label] for photo in val_photos * 3]
+
+
 def test_top_k(stub: classify_pb2_grpc.ClassifierStub, mnist_test_split: MnistSplit) -> None:
     """top_k unset gives one label; top_k k gives k labels, best first, each the label of its index."""
     images = [_png(mnist_test_split, 1), _raw(mnist_test_split, 2)]

@@ -39,6 +39,7 @@ def test_variables_fill_and_flags_win() -> None:
         (["--tls-client-ca", "ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
         (["--workers", "0"], {}, "--workers must be at least 1"),
         (["--workers", "2", "--port", "0"], {}, "--workers above 1 needs a fixed --port"),
+        (["--decode-threads", "-1"], {}, "--decode-threads must be 0 (one share of the cores per worker) or more"),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -71,3 +72,12 @@ def test_json_log_lines(start_server: object, tmp_path: Path) -> None:
     lines = [json.loads(line) for line in server.log.splitlines() if line.strip()]
     assert any(line["message"].startswith("listening on") for line in lines)
     assert {"time", "level", "name", "message"} <= set(lines[0])
+
+
+@pytest.mark.parametrize(("workers", "threads", "pool"), [(1, 0, 16), (8, 0, 2), (32, 0, 1), (8, 5, 5)])
+def test_decode_pool_shares_the_cores_among_workers(
+    workers: int, threads: int, pool: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on one box decode side by side: by default each gets its share of the cores, at least one."""
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Settings(workers=workers, decode_threads=threads).decode_pool_size() == pool
