@@ -8,6 +8,7 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
+import pytest
 
 from serving.engine_merge import BatchMerger, EngineRun
 
@@ -104,14 +105,26 @@ def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows()
     results = _queue_behind_a_running_batch(BatchMerger(model, 16), model, [2, 3, 4])
     assert model.runs == [2, 7], "the two waiting batches ran as one batch of 3 + 4"
     for first, rows in ((100, 2), (110, 3), (120, 4)):
-        np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1) * 2)
+        np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
 
 
-def test_a_joined_run_never_exceeds_the_max_batch_size() -> None:
+def test_a_batch_that_does_not_fit_whole_is_split_to_fill_the_run() -> None:
+    """Runs are padded to their bucket on CUDA, so every run is filled: 5 + 3 of the 4, then its last 1 + 3."""
     model = GatedModel()
     results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
-    assert model.runs == [2, 5, 7], "5 + 4 would pass 8: the 4 waits for the next run, with the 3"
-    assert all(isinstance(output, np.ndarray) for output in results.values())
+    assert model.runs == [2, 8, 4]
+    for first, rows in ((100, 2), (110, 5), (120, 4), (130, 3)):
+        np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
+
+
+def test_a_split_batch_fails_if_either_of_its_runs_fails() -> None:
+    model = GatedModel(fail_when_rows=8)
+    results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
+    assert model.runs == [2, 8, 4]
+    assert isinstance(results[100], np.ndarray)
+    assert isinstance(results[130], np.ndarray), "the run after the failed one works"
+    for first in (110, 120):
+        assert str(results[first]) == "cannot run 8 rows"
 
 
 def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None:
@@ -128,9 +141,11 @@ def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None
     np.testing.assert_array_equal(outputs, _images(1, 9).reshape(1, -1) * 2)
 
 
-def test_many_threads_at_once_each_get_their_own_answer() -> None:
-    """No batch is lost, answered twice or given another's rows when every thread sends at once, many times."""
-    merger = BatchMerger(Flatten(), 64)
+@pytest.mark.parametrize("max_batch_size", [64, 9])
+def test_many_threads_at_once_each_get_their_own_answer(max_batch_size: int) -> None:
+    """No batch is lost, answered twice or given another's rows when every thread sends at once, many times
+    (with a max of 9, most runs split a batch)."""
+    merger = BatchMerger(Flatten(), max_batch_size)
     failures: list[str] = []
 
     def send(seed: int) -> None:
@@ -183,3 +198,34 @@ def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() 
     assert second.run_ns == third.run_ns, "one joined run, reported to both"
     assert second.wait_ns >= held_ns
     assert third.wait_ns >= held_ns
+
+
+def test_a_split_batch_waits_for_its_first_run_and_is_timed_to_the_end_of_its_last() -> None:
+    """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1."""
+    model = GatedModel()
+    merger = BatchMerger(model, 8)
+    timings: dict[int, EngineRun] = {}
+
+    def send(images: np.ndarray) -> threading.Thread:
+        def run() -> None:
+            timings[int(images[0, 0, 0])] = merger.run(images, len(images), np.zeros((len(images), 4), np.float32))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    threads = [send(_images(2, 100))]
+    assert model.started.wait(10)
+    threads += [send(_images(5, 110))]
+    _wait_for(partial(_waiting_is, merger, 1))
+    threads += [send(_images(4, 120))]
+    _wait_for(partial(_waiting_is, merger, 2))
+    model.release.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a batch never came back"
+    assert model.runs == [2, 8, 1]
+    whole, split = timings[110], timings[120]
+    assert whole.run_rows == split.run_rows == 8, "both are reported with the run that took their first rows"
+    assert split.wait_ns <= whole.wait_ns, "arrived later, started in the same run"
+    assert split.run_ns > whole.run_ns, "the split batch also waited for the run of its last row"
