@@ -8,7 +8,8 @@ batches them. Two ceilings bound the server:
 The baseline is the same server with batching off (max batch 1, no delay) and one worker. ``in srv``: the
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
-the model instance, and the time and images of the joined run it went into.
+the model instance, and the time and images of the joined run that answered it (a batch split over two
+runs: the second).
 
     python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
         --ceiling-json ceiling.json --log-dir /tmp/catdog

@@ -122,8 +122,9 @@ def repository(
     return target
 
 
-def _changes(name: str) -> dict[str, str]:
-    """The settings a server name changes: ``server:i2:fp32`` -> ``{"instances": "2", "precision": "fp32"}``."""
+def _changes(name: str) -> tuple[str, dict[str, str]]:
+    """A server name's base and the settings it changes: ``server:i2:fp32`` -> ``server``,
+    ``{"instances": "2", "precision": "fp32"}``."""
     base, *changes = name.split(":")
     if base not in ("server", "baseline"):
         raise ValueError(f"server {name!r}: the name starts with server or baseline")
@@ -136,7 +137,7 @@ def _changes(name: str) -> dict[str, str]:
         if setting in settings:
             raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
         settings[setting] = value
-    return settings
+    return base, settings
 
 
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
@@ -148,7 +149,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
     Raises:
         ValueError: an unknown name or change, or one setting changed twice.
     """
-    settings = _changes(name)
+    base, settings = _changes(name)
     parameters = {"precision": settings["precision"]} if "precision" in settings else {}
     if "layout" in settings:
         parameters["prefer_nhwc"] = "1" if settings["layout"] == "nhwc" else "0"
@@ -156,7 +157,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
         source,
         scratch / name.replace(":", "-"),
         [model],
-        batching=not name.startswith("baseline"),
+        batching=base == "server",
         instances=int(settings["instances"]) if "instances" in settings else None,
         delay_us=int(settings["delay"]) if "delay" in settings else None,
         parameters=parameters,
@@ -165,7 +166,7 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
 
 def server_flags(name: str) -> list[str]:
     """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker."""
-    settings = _changes(name)
+    _, settings = _changes(name)
     return ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
 
 

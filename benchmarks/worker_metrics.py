@@ -45,8 +45,8 @@ class WorkerShare:
     queue_ms: float | None  # mean wait in the batcher before a request's first execution
     compute_ms: float | None  # mean time of one model execution (through the engine with --workers N)
     batch: float | None  # mean images per execution
-    # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run it
-    # went into (time and images); None without the engine
+    # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run
+    # that answered it (time and images); None without the engine
     engine_batches: int = 0
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
@@ -122,7 +122,7 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
 
 def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
     """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
-    it went into (ms) and that run's mean images. None without the engine."""
+    that answered it (ms) and that run's mean images. None without the engine."""
     wait, run, images = (
         _weighted_mean(shares, key, "engine_batches")
         for key in ("engine_wait_ms", "engine_run_ms", "engine_run_images")

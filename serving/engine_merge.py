@@ -35,12 +35,12 @@ class RowRunner(Protocol):
 
 @dataclass(frozen=True)
 class EngineRun:
-    """Where one batch's time in the engine went: the wait for its instance, then the run it went into. A worker
+    """Where one batch's time in the engine went: the wait for its instance, then the run that answered it. A worker
     sees only the sum (its execution time); this tells a busy instance from a slow run."""
 
-    wait_ns: int  # from arrival to the start of the run that took its first rows
-    run_ns: int  # from there to the end of the run that took its last rows (the same run unless it was split)
-    run_rows: int  # images in the run that took its first rows
+    wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, its last rows' run
+    run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
+    run_rows: int  # images in that run
 
 
 class _Batch:
@@ -54,13 +54,9 @@ class _Batch:
         self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
         self.taken = 0  # rows given to runs so far (under the merger's lock)
         self.answered = 0  # rows whose run has ended (by the thread running it)
-        self.first_run: tuple[int, int] | None = None  # start and rows of the run that took its first rows
         self.done = False
         self.error: BaseException | None = None
         self.timing: EngineRun | None = None
-
-    def whole(self) -> bool:
-        return self.taken == self.rows
 
 
 @dataclass(frozen=True)
@@ -87,7 +83,13 @@ class BatchMerger:
         """Blocking: the first ``rows`` images of ``buffer`` (at most the max batch size) through the model,
         their probabilities into ``outputs``; returns where the time went, raises what a run raised. A batch
         that runs alone is read in place, so ``buffer`` must hold the padded size (the engine's shared memory
-        holds a full batch)."""
+        holds a full batch).
+
+        Raises:
+            ValueError: ``rows`` is not between 1 and the max batch size (before anything runs).
+        """
+        if not 0 < rows <= self._max_batch_size:
+            raise ValueError(f"a batch of {rows} images; this instance runs 1 to {self._max_batch_size}")
         batch = _Batch(buffer, rows, outputs)
         with self._lock:
             self._waiting.append(batch)
@@ -117,7 +119,7 @@ class BatchMerger:
                 parts.append(part)
                 batch.taken += part.rows
                 rows += part.rows
-                if batch.whole():
+                if batch.taken == batch.rows:
                     self._waiting.popleft()
         self._run(parts, rows)  # never raises: a failure is each batch's error
         with self._lock:
@@ -128,6 +130,7 @@ class BatchMerger:
 
     def _run(self, parts: list[_Part], rows: int) -> None:
         started = time.perf_counter_ns()
+        error: BaseException | None = None
         try:
             first = parts[0]
             if len(parts) == 1 and first.start == 0:  # one whole batch: read in place
@@ -139,19 +142,24 @@ class BatchMerger:
                     part.batch.outputs[part.start : part.start + part.rows] = probabilities[offset : offset + part.rows]
                     offset += part.rows
         except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
-            for part in parts:
-                part.batch.error = exc
+            error = exc
+            self._drop_rest(parts[-1].batch)
         ended = time.perf_counter_ns()
         for part in parts:
             batch = part.batch
-            if batch.first_run is None:
-                batch.first_run = (started, rows)
-            batch.answered += part.rows
+            batch.answered = batch.rows if error is not None else batch.answered + part.rows
+            batch.error = batch.error or error
             if batch.answered == batch.rows:
-                first_started, first_rows = batch.first_run
-                batch.timing = EngineRun(first_started - batch.arrived_ns, ended - first_started, first_rows)
+                batch.timing = EngineRun(started - batch.arrived_ns, ended - started, rows)
                 batch.done = True
                 batch.woken.set()
+
+    def _drop_rest(self, batch: _Batch) -> None:
+        """A failed batch's rows that no run has taken yet would only be thrown away: they do not run."""
+        with self._lock:
+            if batch.taken < batch.rows:  # split by this run: it is still the oldest waiting
+                self._waiting.popleft()
+                batch.taken = batch.rows
 
     def _join(self, parts: list[_Part], rows: int) -> np.ndarray:
         """The parts' images, one after another, in a buffer that holds the padded size: one copy each."""

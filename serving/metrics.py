@@ -45,16 +45,18 @@ class Metrics:
         )
         self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
         # With --workers N an execution goes through the engine process, which joins the batches workers send at
-        # once: per batch sent, its wait there for the model instance and the joined run it went into.
+        # once: per batch sent, its wait there for the model instance and the joined run that answered it.
         self.engine_wait = histogram(
             "classify_engine_wait_duration_seconds", "Time a batch waited in the engine for its model instance",
             _LATENCY_BUCKETS,
         )  # fmt: skip
         self.engine_run = histogram(
-            "classify_engine_run_duration_seconds", "Time of the engine run a batch went into", _LATENCY_BUCKETS
+            "classify_engine_run_duration_seconds",
+            "Time of the engine run that answered a batch (for a split batch, its last rows' run)",
+            _LATENCY_BUCKETS,
         )
         self.engine_run_size = histogram(
-            "classify_engine_run_size", "Images in the engine run a batch went into", _BATCH_BUCKETS
+            "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS
         )
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 

@@ -122,7 +122,7 @@ class ClassifyServer:
                                    f"{exc.strerror}") from None  # fmt: skip
             self.metrics_port = self._metrics_server.server_port
         _log.info(
-            "listening on %s port %d (%s), metrics port %d, health port %d; decoding on %d threads",
+            "listening on %s port %d (%s), metrics port %d, health port %d; decode threads: %d",
             self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port, self.health_port,
             self.settings.decode_pool_size(),
         )  # fmt: skip

@@ -38,7 +38,7 @@ class Settings:
     max_image_pixels: int = field(default=50_000_000, metadata={"help": "largest decoded image (width x height)"})
     workers: int = field(default=1, metadata={"help": "server processes sharing the port, each with its own sessions"})
     decode_threads: int = field(
-        default=0, metadata={"help": "image decode threads per server process; 0: the machine's cores over --workers"}
+        default=0, metadata={"help": "image decode threads per server process; 0: the usable cores over --workers"}
     )
     grace_period: float = field(default=30.0, metadata={"help": "seconds to finish in-flight requests on SIGTERM"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve gRPC over TLS"})
@@ -51,9 +51,16 @@ class Settings:
     )
 
     def decode_pool_size(self) -> int:
-        """``decode_threads``, or the cores shared among the workers: more threads per process than that only
-        queue for its GIL between decodes."""
-        return self.decode_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        """``decode_threads``, or the cores this process may run on shared among the workers: more threads per
+        process than that only queue for its GIL between decodes, and crowd out its event loop."""
+        return self.decode_threads or max(1, _usable_cores() // self.workers)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set) where the OS says; else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {

@@ -96,7 +96,7 @@ def test_one_decode_thread_decodes_a_request_of_many_photos(
 ) -> None:
     """--decode-threads sizes each process's decode pool; a request's images then queue for it, still in order."""
     server = start_server("--model-repository", str(repository), "--device", "cpu", "--decode-threads", "1")
-    assert "decoding on 1 threads" in server.log
+    assert "decode threads: 1" in server.log
     with grpc.insecure_channel(server.address) as channel:
         response = classify_pb2_grpc.ClassifierStub(channel).Classify(
             pb.ClassifyRequest(model="catdog", images=[pb.Image(encoded=p.data) for p in val_photos * 3])

@@ -80,6 +80,7 @@ def _queue_behind_a_running_batch(merger: BatchMerger, model: GatedModel, rows: 
     model.release.set()
     for thread in threads:
         thread.join(10)
+        assert not thread.is_alive(), "a batch never came back"
     return results
 
 
@@ -117,14 +118,30 @@ def test_a_batch_that_does_not_fit_whole_is_split_to_fill_the_run() -> None:
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
 
 
-def test_a_split_batch_fails_if_either_of_its_runs_fails() -> None:
-    model = GatedModel(fail_when_rows=8)
+@pytest.mark.parametrize(
+    ("failing_run", "runs", "failed"),
+    [(8, [2, 8, 3], (110, 120)), (4, [2, 8, 4], (120, 130))],
+    ids=["first-part", "last-part"],
+)
+def test_a_split_batch_fails_if_either_of_its_runs_fails(
+    failing_run: int, runs: list[int], failed: tuple[int, ...]
+) -> None:
+    """Queued 5, 4, 3 behind a run of 2 with max 8: the 4 goes 3 + 1. If its first run fails, its last row
+    is not run at all (the answer is already an error); if its second fails, its first part's answers go."""
+    model = GatedModel(fail_when_rows=failing_run)
     results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
-    assert model.runs == [2, 8, 4]
-    assert isinstance(results[100], np.ndarray)
-    assert isinstance(results[130], np.ndarray), "the run after the failed one works"
-    for first in (110, 120):
-        assert str(results[first]) == "cannot run 8 rows"
+    assert model.runs == runs
+    for first in (100, 110, 120, 130):
+        if first in failed:
+            assert str(results[first]) == f"cannot run {failing_run} rows"
+        else:
+            assert isinstance(results[first], np.ndarray)
+
+
+@pytest.mark.parametrize("rows", [0, 9])
+def test_a_batch_outside_one_to_the_max_is_refused_before_it_joins_a_run(rows: int) -> None:
+    with pytest.raises(ValueError, match=f"a batch of {rows} images; this instance runs 1 to 8"):
+        BatchMerger(Flatten(), 8).run(_images(9, 1), rows, np.zeros((9, 4), np.float32))
 
 
 def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None:
@@ -139,31 +156,6 @@ def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None
     outputs = np.zeros((1, 4), np.float32)
     merger.run(_images(1, 9), 1, outputs)
     np.testing.assert_array_equal(outputs, _images(1, 9).reshape(1, -1) * 2)
-
-
-@pytest.mark.parametrize("max_batch_size", [64, 9])
-def test_many_threads_at_once_each_get_their_own_answer(max_batch_size: int) -> None:
-    """No batch is lost, answered twice or given another's rows when every thread sends at once, many times
-    (with a max of 9, most runs split a batch)."""
-    merger = BatchMerger(Flatten(), max_batch_size)
-    failures: list[str] = []
-
-    def send(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for _ in range(300):
-            images = rng.integers(0, 256, (int(rng.integers(1, 9)), 2, 2), dtype=np.uint8)
-            outputs = np.zeros((len(images), 4), np.float32)
-            merger.run(images, len(images), outputs)
-            if not np.array_equal(outputs, images.reshape(len(images), -1)):
-                failures.append(f"thread {seed}")
-
-    workers = [threading.Thread(target=send, args=(seed,)) for seed in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-    assert not any(worker.is_alive() for worker in workers), "a batch was never answered"
-    assert failures == []
 
 
 def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() -> None:
@@ -200,8 +192,9 @@ def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() 
     assert third.wait_ns >= held_ns
 
 
-def test_a_split_batch_waits_for_its_first_run_and_is_timed_to_the_end_of_its_last() -> None:
-    """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1."""
+def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
+    """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1;
+    that last run answers it, so its wait covers the run of 8 and its run is the run of 1."""
     model = GatedModel()
     merger = BatchMerger(model, 8)
     timings: dict[int, EngineRun] = {}
@@ -226,6 +219,77 @@ def test_a_split_batch_waits_for_its_first_run_and_is_timed_to_the_end_of_its_la
         assert not thread.is_alive(), "a batch never came back"
     assert model.runs == [2, 8, 1]
     whole, split = timings[110], timings[120]
-    assert whole.run_rows == split.run_rows == 8, "both are reported with the run that took their first rows"
-    assert split.wait_ns <= whole.wait_ns, "arrived later, started in the same run"
-    assert split.run_ns > whole.run_ns, "the split batch also waited for the run of its last row"
+    assert (whole.run_rows, split.run_rows) == (8, 1)
+    assert split.wait_ns >= whole.run_ns, "queued before the run of 8 began, the split batch waited through it"
+
+
+class CheckedModel:
+    """Outputs its input; fails some runs at random; records every row it ran and any overlapping runs."""
+
+    def __init__(self, max_rows: int, fail_share: float, seed: int) -> None:
+        self.max_rows = max_rows
+        self.fail_share = fail_share
+        self.rng = np.random.default_rng(seed)
+        self.running = threading.Lock()
+        self.ran: list[tuple[int, int, int]] = []  # (thread, batch, row) of every row run
+        self.failed: set[tuple[int, int]] = set()  # (thread, batch) with a row in a failed run
+        self.problems: list[str] = []
+
+    def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        if not self.running.acquire(blocking=False):
+            self.problems.append("two runs at once on one instance")
+            self.running.acquire()
+        try:
+            if count > self.max_rows or len(buffer) < count:
+                self.problems.append(f"a run of {count} rows from a buffer of {len(buffer)}")
+            rows = buffer[:count]
+            self.ran += [(int(row[0]), int(row[1]), int(row[2])) for row in rows]
+            if self.rng.random() < self.fail_share:
+                self.failed.update((int(row[0]), int(row[1])) for row in rows)
+                raise ValueError("failed run")
+            return rows.astype(np.float32)
+        finally:
+            self.running.release()
+
+
+@pytest.mark.parametrize("fail_share", [0.0, 0.2])
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+def test_many_threads_with_failures_each_get_their_own_rows_or_their_runs_error(
+    max_batch_size: int, fail_share: float
+) -> None:
+    """Sizes up to the max, buffers padded as the engine's shared memory is, runs that fail at random: every
+    batch gets exactly its own rows, or the error of a run that held one of them; no row runs twice."""
+    model = CheckedModel(max_batch_size, fail_share, seed=max_batch_size)
+    merger = BatchMerger(model, max_batch_size)
+    outcomes: dict[tuple[int, int], tuple[bool, int]] = {}
+    problems: list[str] = []
+
+    def send(thread: int) -> None:
+        rng = np.random.default_rng(thread)
+        for number in range(200):
+            rows = int(rng.integers(1, max_batch_size + 1))
+            buffer = np.zeros((max_batch_size, 3), np.uint16)
+            buffer[:rows] = [(thread, number, row) for row in range(rows)]
+            outputs = np.full((max_batch_size, 3), -1.0, np.float32)
+            try:
+                merger.run(buffer, rows, outputs[:rows])
+            except ValueError:
+                outcomes[thread, number] = (False, rows)
+                continue
+            outcomes[thread, number] = (True, rows)
+            if not np.array_equal(outputs[:rows], buffer[:rows]) or np.any(outputs[rows:] != -1):
+                problems.append(f"batch {thread}/{number} got other rows")
+
+    senders = [threading.Thread(target=send, args=(index,)) for index in range(12)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    assert not any(sender.is_alive() for sender in senders), "a batch was never answered"
+    assert problems + model.problems == []
+    assert len(model.ran) == len(set(model.ran)), "no row ran twice"
+    ran = set(model.ran)
+    for (thread, number), (answered, rows) in outcomes.items():
+        assert answered == ((thread, number) not in model.failed)
+        if answered:
+            assert all((thread, number, row) in ran for row in range(rows))

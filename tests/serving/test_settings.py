@@ -78,6 +78,7 @@ def test_json_log_lines(start_server: object, tmp_path: Path) -> None:
 def test_decode_pool_shares_the_cores_among_workers(
     workers: int, threads: int, pool: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Workers on one box decode side by side: by default each gets its share of the cores, at least one."""
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    """Workers on one box decode side by side: by default each gets its share of the cores the process may
+    use (a container's CPU set, not the host's count), at least one."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
     assert Settings(workers=workers, decode_threads=threads).decode_pool_size() == pool
