@@ -15,7 +15,9 @@ what the server runs today (a ``ModelRuntime`` and its runner, at the precision 
   memory only through the CUDA plugin EP's memory info, which this package does not register by itself;
 - ``cudagraph``: inputs and outputs on the GPU, one captured CUDA graph per bucket (CUDA only);
 - ``nhwc``: the CUDA provider's ``prefer_nhwc`` (CUDA only);
-- ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only).
+- ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only);
+- ``pinned``: the server's runtime fed from page-locked host memory (``benchmarks.page_locked``), as the
+  engine's shared memory would be if registered with CUDA (CUDA only).
 
 The ``diff`` column is the largest probability difference from the first variant run, on the same batch:
 a variant that runs fast because it computes something else shows there.
@@ -34,6 +36,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ import onnxruntime as ort
 
 from benchmarks.harness import environment, format_table
 from benchmarks.onnx_variants import newest_model
+from benchmarks.page_locked import page_locked
 from serving.model_config import ModelSpec, load_model_spec
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, batch_buckets
 
@@ -55,6 +59,7 @@ _CUDA_ONLY = {
     "nhwc": "prefer_nhwc is a CUDA provider option",
     "heuristic": "cudnn_conv_algo_search is a CUDA provider option",
     "fp16": "float16 is a GPU lever: the server runs the CPU in float32",
+    "pinned": "page-locked host memory speeds copies to a GPU",
 }
 VARIANTS = ("server", "fp32", "iobinding", *_CUDA_ONLY)
 _WARM_UP_RUNS = 5  # ONNX Runtime captures a CUDA graph only after a graph id's first few runs
@@ -139,7 +144,7 @@ def _bound_run(session: ort.InferenceSession, binding: Any, run_options: Any, im
 
 def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: Sequence[int], instances: int) -> _Built:
     """Open the sessions of one variant; see the module docstring for what each one changes."""
-    if variant in ("server", "fp32", "fp16"):
+    if variant in ("server", "fp32", "fp16", "pinned"):
         precision = {"fp32": False, "fp16": True}.get(variant)
         return _as_served(_runtime(path, spec, device, precision, instances), buckets)
     if variant == "iobinding":
@@ -150,6 +155,11 @@ def _build(variant: str, path: Path, spec: ModelSpec, device: Device, buckets: S
         return _as_served(_runtime(path, spec, device, instances=instances, prefer_nhwc="1"), buckets)
     heuristic = _runtime(path, spec, device, instances=instances, cudnn_conv_algo_search="HEURISTIC")
     return _as_served(heuristic, buckets)
+
+
+def _host_memory(variant: str, batch: np.ndarray) -> AbstractContextManager[object]:
+    """Where the timed runs read their batch from: page-locked memory for ``pinned``, else as it is."""
+    return page_locked(batch) if variant == "pinned" else nullcontext()
 
 
 def _time(infers: Sequence[Infer], batch: np.ndarray, seconds: float) -> tuple[list[int], int]:
@@ -199,7 +209,8 @@ def _measure_model(name: str, args: argparse.Namespace, device: Device, variants
             scores = built.infer[bucket][0](batch).copy()
             reference = references.setdefault(bucket, scores)
             seconds = args.seconds * min(1.0, _FULL_TIME_BATCH / bucket)
-            latencies, wall_ns = _time(built.infer[bucket], batch, seconds)
+            with _host_memory(variant, batch):
+                latencies, wall_ns = _time(built.infer[bucket], batch, seconds)
             rows.append(
                 Row(
                     model=name,

@@ -26,6 +26,7 @@ def test_ceiling_measures_every_small_bucket_on_the_cpu(
     assert rows["iobinding", 4]["max_abs_diff"] < 1e-5, "the bound buffers must hold the same batch and result"
     printed = capsys.readouterr().out
     assert "skipping cudagraph on the CPU: CUDA graphs are a CUDA provider feature" in printed
+    assert "skipping pinned on the CPU: page-locked host memory speeds copies to a GPU" in printed
     assert f"onnxruntime {document['onnxruntime']}, --device cpu, providers ['CPUExecutionProvider']" in printed
 
 
