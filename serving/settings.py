@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ from typing import Any
 
 from serving.runtime import Device
 
-__all__ = ["ENV_PREFIX", "Settings", "parse_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "cgroup_cpu_limit", "parse_settings"]
 
 ENV_PREFIX = "CLASSIFY_"
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,21 @@ class Settings:
 
 
 def _usable_cores() -> int:
-    """The cores this process may run on (a container's CPU set) where the OS says; else the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The cores this process may run on: its CPU set where the OS says (else the machine's), capped by a
+    container's CPU limit."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(_CGROUP_CPU_MAX)
+    return cores if limit is None else max(1, min(cores, limit))
+
+
+def cgroup_cpu_limit(cpu_max: Path) -> int | None:
+    """Whole cores a cgroup v2 ``cpu.max`` file allows (its quota over its period, rounded up; Kubernetes writes
+    a pod's CPU limit there), or None where there is no limit or no such file."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        return None
 
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
