@@ -48,7 +48,7 @@ from benchmarks.harness import environment, format_table
 from benchmarks.onnx_variants import newest_model
 from benchmarks.page_locked import page_locked
 from serving.model_config import ModelSpec, load_model_spec
-from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, batch_buckets
+from serving.runtime import Device, DeviceUnavailable, GpuOptions, ModelRuntime, ProviderSelector, batch_buckets
 
 __all__ = ["VARIANTS", "Row", "main"]
 
@@ -98,9 +98,10 @@ def _runtime(
 ) -> ModelRuntime:
     """``instances`` opened exactly as the server opens them, with ``cuda`` options over the server's own and
     ``fp16`` over the model's precision."""
-    precision = spec.fp16 if fp16 is None else fp16
-    options = {**dict(spec.cuda_options), **cuda}  # the variant's over the model's, over the process's
-    return ModelRuntime(path, instances, spec.max_batch_size, ProviderSelector(device), options, precision)
+    precision = spec.gpu.fp16 if fp16 is None else fp16
+    options = {**dict(spec.gpu.cuda), **cuda}  # the variant's over the model's, over the process's
+    gpu = GpuOptions(tuple(options.items()), precision)
+    return ModelRuntime(path, instances, spec.max_batch_size, ProviderSelector(device), gpu)
 
 
 def _as_served(runtime: ModelRuntime, buckets: Sequence[int]) -> _Built:

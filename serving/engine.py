@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 
 from serving.engine_merge import BatchMerger
-from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
+from serving.runtime import (
+    NO_GPU_OPTIONS,
+    Device,
+    DeviceUnavailable,
+    GpuOptions,
+    ModelRuntime,
+    ProviderSelector,
+    TensorInfo,
+    placement,
+)
 
 __all__ = [
     "FRAME", "OK", "TIMING", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of",
@@ -54,13 +63,12 @@ class ModelKey:
     max_batch_size: int
     cpu_only: bool
     modified_ns: int  # a replaced file (a reload) gets new sessions
-    cuda_options: tuple[tuple[str, str], ...] = ()  # the model's own CUDA provider options
-    fp16: bool = False  # float16 on the GPU
+    gpu: GpuOptions = NO_GPU_OPTIONS  # the model's own
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelKey:
-        """The key a worker sent (JSON turned its option pairs into lists)."""
-        return cls(**{**data, "cuda_options": tuple((key, value) for key, value in data.get("cuda_options", ()))})
+        """The key a worker sent (``dataclasses.asdict`` as JSON)."""
+        return cls(**{**data, "gpu": GpuOptions.from_json(data["gpu"])})
 
 
 def _tensor_json(info: TensorInfo) -> dict[str, Any]:
@@ -94,9 +102,7 @@ class _Engine:
             loaded = self.loaded.get(key)
             if loaded is None:
                 providers = self.cpu if key.cpu_only else self.providers
-                runtime = ModelRuntime(
-                    Path(key.path), key.instance_count, key.max_batch_size, providers, dict(key.cuda_options), key.fp16
-                )
+                runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers, key.gpu)
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, placement(runtime.providers, runtime.fp16))
                 mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]

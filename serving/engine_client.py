@@ -20,7 +20,7 @@ import numpy as np
 
 from serving.engine import FRAME, OK, TIMING, ModelKey, receive_exactly, receive_json, send_json, tensor_of
 from serving.engine_merge import EngineRun
-from serving.runtime import DeviceUnavailable
+from serving.runtime import NO_GPU_OPTIONS, DeviceUnavailable, GpuOptions
 
 __all__ = ["EngineError", "RemoteRuntime"]
 
@@ -121,13 +121,12 @@ class RemoteRuntime:
         instance_count: int,
         max_batch_size: int,
         cpu_only: bool,
-        cuda_options: tuple[tuple[str, str], ...] = (),
-        fp16: bool = False,
+        gpu: GpuOptions = NO_GPU_OPTIONS,
     ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         modified = path.stat().st_mtime_ns
-        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, cuda_options, fp16)
+        key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, gpu)
         self._instances: list[_Instance] = []
         try:
             for index in range(instance_count):

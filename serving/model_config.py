@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from serving.batching import BatchPolicy
 from serving.images import InputSpec, resize_for
 from serving.protos.inference import model_config_pb2 as mc
+from serving.runtime import NO_GPU_OPTIONS, GpuOptions
 
 __all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
 
@@ -68,8 +69,7 @@ class ModelSpec:
     cpu_only: bool  # every instance group asks for KIND_CPU
     versions: VersionPolicy
     config: mc.ModelConfig
-    cuda_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime CUDA provider options from ``parameters``
-    fp16: bool = False  # ``parameters { key: "precision" value: { string_value: "fp16" } }``: float16 on the GPU
+    gpu: GpuOptions = NO_GPU_OPTIONS  # from ``parameters``: CUDA provider options, and ``precision`` ``fp16``
 
 
 def _parse(path: Path) -> mc.ModelConfig:
@@ -200,6 +200,5 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         and all(group.kind == mc.ModelInstanceGroup.KIND_CPU for group in config.instance_group),
         versions=_versions(config),
         config=config,
-        cuda_options=_cuda_options(config, path),
-        fp16=_fp16(config, path),
+        gpu=GpuOptions(_cuda_options(config, path), _fp16(config, path)),
     )

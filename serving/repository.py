@@ -173,13 +173,11 @@ class ModelRepository:
         runtime: Runtime
         if self.engine is not None:
             runtime = RemoteRuntime(
-                self.engine, path, spec.instance_count, spec.max_batch_size, spec.cpu_only, spec.cuda_options, spec.fp16
+                self.engine, path, spec.instance_count, spec.max_batch_size, spec.cpu_only, spec.gpu
             )
         else:
             providers = ProviderSelector(Device.CPU) if spec.cpu_only else self.providers
-            runtime = ModelRuntime(
-                path, spec.instance_count, spec.max_batch_size, providers, dict(spec.cuda_options), spec.fp16
-            )
+            runtime = ModelRuntime(path, spec.instance_count, spec.max_batch_size, providers, spec.gpu)
         expected = (-1, spec.input.height, spec.input.width, spec.input.channels)
         if runtime.input.name != spec.input_name or runtime.input.shape != expected:
             raise ConfigError(

@@ -21,9 +21,11 @@ import onnxruntime as ort
 from serving.precision import float16_model
 
 __all__ = [
+    "NO_GPU_OPTIONS",
     "BucketRunner",
     "Device",
     "DeviceUnavailable",
+    "GpuOptions",
     "ModelRuntime",
     "ProviderSelector",
     "TensorInfo",
@@ -66,6 +68,22 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself: the shapes a model runs."""
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
     return (*sizes, max_batch_size)
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """How a model's config asks it to run on CUDA (its ``parameters``); the CPU runs the file as it is."""
+
+    cuda: tuple[tuple[str, str], ...] = ()  # CUDA provider options, over the process-wide ones
+    fp16: bool = False  # converted to float16 at load (``serving.precision``)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GpuOptions:
+        """From ``dataclasses.asdict`` sent as JSON, which turned the option pairs into lists."""
+        return cls(tuple((key, value) for key, value in data["cuda"]), data["fp16"])
+
+
+NO_GPU_OPTIONS = GpuOptions()  # a config without any: the process-wide CUDA options, FP32
 
 
 class ProviderSelector:
@@ -166,8 +184,9 @@ class ModelRuntime:
     On CUDA each instance holds one session per bucket: ONNX Runtime's CUDA convolutions plan for the last
     input shape they saw, and re-planning on every change of batch size cost an H100 about 200 ms a batch once
     batches of mixed sizes arrived. A session that only ever sees one shape plans once, at warm-up. On the CPU
-    one session serves every batch size, unpadded. ``fp16`` runs a float16 conversion of the file on CUDA
-    (``serving.precision``); the CPU runs the file as it is.
+    one session serves every batch size, unpadded. ``gpu`` is what the model's config asks of CUDA: its own
+    provider options, and a float16 conversion of the file (``serving.precision``); the CPU runs the file as
+    it is.
     """
 
     def __init__(
@@ -176,16 +195,16 @@ class ModelRuntime:
         instance_count: int,
         max_batch_size: int,
         providers: ProviderSelector,
-        cuda_options: Mapping[str, str] | None = None,
-        fp16: bool = False,
+        gpu: GpuOptions = NO_GPU_OPTIONS,
     ) -> None:
         self.path = path
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
+        cuda_options = dict(gpu.cuda)
         probe = providers.session(path, ort.SessionOptions(), cuda_options)  # finds out where the model runs
         on_cuda = _CUDA in probe.get_providers()
-        self.fp16 = fp16 and on_cuda
-        if fp16 and not on_cuda:
+        self.fp16 = gpu.fp16 and on_cuda
+        if gpu.fp16 and not on_cuda:
             _log.info("%s: precision fp16 is for the GPU; the CPU runs the file in FP32", path)
         options = self._options(providers, instance_count)  # after the probe: a failed CUDA is known by now
         model = float16_model(path) if self.fp16 else path

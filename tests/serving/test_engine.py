@@ -14,7 +14,7 @@ import pytest
 from serving.engine import run_engine
 from serving.engine_client import EngineError, RemoteRuntime
 from serving.engine_merge import EngineRun
-from serving.runtime import Device, ModelRuntime, ProviderSelector
+from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
 
 DIGITS = Path("models/digits/1/model.onnx")
 
@@ -133,7 +133,7 @@ def test_a_vanished_engine_fails_the_batch_with_a_reason(
 def test_a_model_with_its_own_gpu_settings_loads_through_the_engine(engine: tuple[str, object]) -> None:
     """CUDA options and FP16 travel in the handshake; on the CPU engine they change nothing in the answers."""
     address, _ = engine
-    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False, cuda_options=(("prefer_nhwc", "1"),), fp16=True)
+    remote = RemoteRuntime(address, DIGITS, 1, 8, cpu_only=False, gpu=GpuOptions((("prefer_nhwc", "1"),), fp16=True))
     local = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
     images = np.random.default_rng(5).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     np.testing.assert_allclose(remote.runners[0](images), local.runners[0](images), atol=1e-6)

@@ -12,14 +12,14 @@ import pytest
 
 from serving.engine import ModelKey
 from serving.model_config import ConfigError, load_model_spec
-from serving.runtime import Device, ModelRuntime, ProviderSelector
+from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
 from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 
 @pytest.mark.parametrize(("value", "option"), [("1", "1"), ("true", "1"), (" On ", "1"), ("0", "0"), ("false", "0")])
 def test_prefer_nhwc_becomes_a_cuda_provider_option(tmp_path: Path, value: str, option: str) -> None:
     spec = load_model_spec(digits_with_parameters(tmp_path, {"prefer_nhwc": value}))
-    assert spec.cuda_options == (("prefer_nhwc", option),)
+    assert spec.gpu.cuda == (("prefer_nhwc", option),)
 
 
 def test_a_switch_that_is_neither_on_nor_off_names_the_parameter_and_the_choices(tmp_path: Path) -> None:
@@ -32,12 +32,12 @@ def test_parameters_for_other_servers_are_logged_and_left_alone(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="serving.model_config"):
         spec = load_model_spec(digits_with_parameters(tmp_path, {"cudnn_conv_use_max_workspace": "1"}))
-    assert spec.cuda_options == ()
+    assert spec.gpu.cuda == ()
     assert "parameter 'cudnn_conv_use_max_workspace' is not used by this server" in caplog.text
 
 
 def test_the_engine_key_keeps_its_options_through_json() -> None:
-    key = ModelKey("/m/model.onnx", 1, 8, False, 123, (("prefer_nhwc", "1"),))
+    key = ModelKey("/m/model.onnx", 1, 8, False, 123, GpuOptions((("prefer_nhwc", "1"),)))
     assert ModelKey.from_json(json.loads(json.dumps(dataclasses.asdict(key)))) == key
 
 
@@ -46,5 +46,5 @@ def test_cuda_options_leave_a_cpu_runtime_answering_as_before(tmp_path: Path) ->
     path = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     plain = ModelRuntime(path, 1, 4, ProviderSelector(Device.CPU))
-    with_options = ModelRuntime(path, 1, 4, ProviderSelector(Device.CPU), {"prefer_nhwc": "1"})
+    with_options = ModelRuntime(path, 1, 4, ProviderSelector(Device.CPU), GpuOptions((("prefer_nhwc", "1"),)))
     np.testing.assert_array_equal(plain.runners[0](images), with_options.runners[0](images))

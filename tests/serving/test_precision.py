@@ -19,7 +19,7 @@ from serving.metrics import Metrics
 from serving.model_config import ConfigError, load_model_spec
 from serving.precision import float16_model
 from serving.repository import ModelRepository
-from serving.runtime import Device, ModelRuntime, ProviderSelector
+from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
 from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 DIGITS = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"
@@ -58,7 +58,7 @@ def test_the_converted_model_classifies_as_the_fp32_file_does() -> None:
 
 @pytest.mark.parametrize(("value", "fp16"), [("fp16", True), (" FP16 ", True), ("fp32", False)])
 def test_the_precision_parameter_is_read(tmp_path: Path, value: str, fp16: bool) -> None:
-    assert load_model_spec(digits_with_parameters(tmp_path, {"precision": value})).fp16 is fp16
+    assert load_model_spec(digits_with_parameters(tmp_path, {"precision": value})).gpu.fp16 is fp16
 
 
 def test_a_precision_that_is_not_offered_names_the_choices(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_the_cpu_runs_the_fp32_file_and_says_so(caplog: pytest.LogCaptureFixture
     images = np.random.default_rng(4).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     plain = ModelRuntime(DIGITS, 1, 4, ProviderSelector(Device.CPU))
     with caplog.at_level(logging.INFO, logger="serving.runtime"):
-        configured = ModelRuntime(DIGITS, 1, 4, ProviderSelector(Device.CPU), fp16=True)
+        configured = ModelRuntime(DIGITS, 1, 4, ProviderSelector(Device.CPU), GpuOptions(fp16=True))
     assert configured.fp16 is False
     np.testing.assert_array_equal(configured.runners[0](images), plain.runners[0](images))
     assert "precision fp16 is for the GPU; the CPU runs the file in FP32" in caplog.text
@@ -81,7 +81,7 @@ def test_the_cpu_runs_the_fp32_file_and_says_so(caplog: pytest.LogCaptureFixture
 @pytest.mark.usefixtures("cpu_as_gpu")
 def test_on_the_gpu_path_every_bucket_runs_the_conversion() -> None:
     images = np.random.default_rng(6).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
-    converted = ModelRuntime(DIGITS, 2, 8, ProviderSelector(Device.CPU), fp16=True)
+    converted = ModelRuntime(DIGITS, 2, 8, ProviderSelector(Device.CPU), GpuOptions(fp16=True))
     plain = ModelRuntime(DIGITS, 1, 8, ProviderSelector(Device.CPU))
     assert converted.fp16
     assert not plain.fp16
@@ -96,7 +96,7 @@ def test_on_the_gpu_path_every_bucket_runs_the_conversion() -> None:
 def test_the_engine_loads_a_key_in_the_precision_it_names() -> None:
     engine = _Engine(Device.CPU)
     for fp16 in (True, False):
-        key = ModelKey(str(DIGITS), 1, 4, False, DIGITS.stat().st_mtime_ns, fp16=fp16)
+        key = ModelKey(str(DIGITS), 1, 4, False, DIGITS.stat().st_mtime_ns, GpuOptions(fp16=fp16))
         assert engine.acquire(key).runtime.fp16 is fp16
 
 
@@ -118,5 +118,5 @@ async def test_a_repository_serves_the_precision_its_config_asks_for_and_says_so
 
 
 def test_the_engine_key_keeps_the_precision_through_json() -> None:
-    key = ModelKey("/m/model.onnx", 1, 8, False, 123, (("prefer_nhwc", "1"),), fp16=True)
+    key = ModelKey("/m/model.onnx", 1, 8, False, 123, GpuOptions((("prefer_nhwc", "1"),), fp16=True))
     assert ModelKey.from_json(json.loads(json.dumps(dataclasses.asdict(key)))) == key
