@@ -47,8 +47,9 @@ import onnxruntime as ort
 from benchmarks.harness import environment, format_table
 from benchmarks.onnx_variants import newest_model
 from benchmarks.page_locked import page_locked
+from serving.gpu_options import GpuOptions
 from serving.model_config import ModelSpec, load_model_spec
-from serving.runtime import Device, DeviceUnavailable, GpuOptions, ModelRuntime, ProviderSelector, batch_buckets
+from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, batch_buckets
 
 __all__ = ["VARIANTS", "Row", "main"]
 

@@ -32,11 +32,10 @@ from typing import Any
 import numpy as np
 
 from serving.engine_merge import BatchMerger
+from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
 from serving.runtime import (
-    NO_GPU_OPTIONS,
     Device,
     DeviceUnavailable,
-    GpuOptions,
     ModelRuntime,
     ProviderSelector,
     TensorInfo,
@@ -63,7 +62,7 @@ class ModelKey:
     max_batch_size: int
     cpu_only: bool
     modified_ns: int  # a replaced file (a reload) gets new sessions
-    gpu: GpuOptions = NO_GPU_OPTIONS  # the model's own
+    gpu: GpuOptions = NO_GPU_OPTIONS  # the model's own CUDA provider options and precision
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelKey:

@@ -20,7 +20,8 @@ import numpy as np
 
 from serving.engine import FRAME, OK, TIMING, ModelKey, receive_exactly, receive_json, send_json, tensor_of
 from serving.engine_merge import EngineRun
-from serving.runtime import NO_GPU_OPTIONS, DeviceUnavailable, GpuOptions
+from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
+from serving.runtime import DeviceUnavailable
 
 __all__ = ["EngineError", "RemoteRuntime"]
 

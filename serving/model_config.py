@@ -16,9 +16,9 @@ from typing import TypeVar
 from google.protobuf import text_format
 
 from serving.batching import BatchPolicy
+from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
 from serving.images import InputSpec, resize_for
 from serving.protos.inference import model_config_pb2 as mc
-from serving.runtime import NO_GPU_OPTIONS, GpuOptions
 
 __all__ = ["ConfigError", "ModelSpec", "VersionPolicy", "load_model_spec"]
 

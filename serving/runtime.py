@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
 from serving.precision import float16_model
 
 __all__ = [
-    "NO_GPU_OPTIONS",
     "BucketRunner",
     "Device",
     "DeviceUnavailable",
-    "GpuOptions",
     "ModelRuntime",
     "ProviderSelector",
     "TensorInfo",
@@ -68,22 +67,6 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself: the shapes a model runs."""
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
     return (*sizes, max_batch_size)
-
-
-@dataclass(frozen=True)
-class GpuOptions:
-    """How a model's config asks it to run on CUDA (its ``parameters``); the CPU runs the file as it is."""
-
-    cuda: tuple[tuple[str, str], ...] = ()  # CUDA provider options, over the process-wide ones
-    fp16: bool = False  # converted to float16 at load (``serving.precision``)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> GpuOptions:
-        """From ``dataclasses.asdict`` sent as JSON, which turned the option pairs into lists."""
-        return cls(tuple((key, value) for key, value in data["cuda"]), data["fp16"])
-
-
-NO_GPU_OPTIONS = GpuOptions()  # a config without any: the process-wide CUDA options, FP32
 
 
 class ProviderSelector:

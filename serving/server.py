@@ -61,7 +61,8 @@ class ClassifyServer:
             drain_grace=settings.grace_period,
             engine=engine,
         )
-        self.decode_executor = ThreadPoolExecutor(settings.decode_pool_size(), thread_name_prefix="decode")
+        self.decode_threads = settings.decode_pool_size()  # read once: a container's CPU limit can change
+        self.decode_executor = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         limits = ImageLimits(max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.dataplane = DataPlane(self.repository, self.metrics, self.decode_executor, limits)
         self.health = health.aio.HealthServicer()
@@ -124,7 +125,7 @@ class ClassifyServer:
         _log.info(
             "listening on %s port %d (%s), metrics port %d, health port %d; decode threads: %d",
             self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port, self.health_port,
-            self.settings.decode_pool_size(),
+            self.decode_threads,
         )  # fmt: skip
         await self.repository.load_all()
         if self.repository.ready:

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving.cores import usable_cores
 from serving.runtime import Device
 
-__all__ = ["ENV_PREFIX", "Settings", "cgroup_cpu_limit", "parse_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "parse_settings"]
 
 ENV_PREFIX = "CLASSIFY_"
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,7 @@ class Settings:
     def decode_pool_size(self) -> int:
         """``decode_threads``, or the cores this process may run on shared among the workers: more threads per
         process than that only queue for its GIL between decodes, and crowd out its event loop."""
-        return self.decode_threads or max(1, _usable_cores() // self.workers)
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on: its CPU set where the OS says (else the machine's), capped by a
-    container's CPU limit."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = cgroup_cpu_limit(_CGROUP_CPU_MAX)
-    return cores if limit is None else max(1, min(cores, limit))
-
-
-def cgroup_cpu_limit(cpu_max: Path) -> int | None:
-    """Whole cores a cgroup v2 ``cpu.max`` file allows (its quota over its period, rounded up; Kubernetes writes
-    a pod's CPU limit there), or None where there is no limit or no such file."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        return None if quota == "max" else math.ceil(int(quota) / int(period))
-    except (OSError, ValueError):
-        return None
+        return self.decode_threads or max(1, usable_cores() // self.workers)
 
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {

@@ -14,7 +14,8 @@ import pytest
 from serving.engine import run_engine
 from serving.engine_client import EngineError, RemoteRuntime
 from serving.engine_merge import EngineRun
-from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
+from serving.gpu_options import GpuOptions
+from serving.runtime import Device, ModelRuntime, ProviderSelector
 
 DIGITS = Path("models/digits/1/model.onnx")
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from serving.engine import ModelKey
+from serving.gpu_options import GpuOptions
 from serving.model_config import ConfigError, load_model_spec
-from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
+from serving.runtime import Device, ModelRuntime, ProviderSelector
 from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 

@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from serving import runtime
 from serving.engine import ModelKey, _Engine
+from serving.gpu_options import GpuOptions
 from serving.metrics import Metrics
 from serving.model_config import ConfigError, load_model_spec
 from serving.precision import float16_model
 from serving.repository import ModelRepository
-from serving.runtime import Device, GpuOptions, ModelRuntime, ProviderSelector
+from serving.runtime import Device, ModelRuntime, ProviderSelector
 from tests.serving.conftest import REPO_ROOT, digits_with_parameters
 
 DIGITS = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from serving.runtime import Device
-from serving.settings import ENV_PREFIX, Settings, cgroup_cpu_limit, parse_settings
+from serving.settings import ENV_PREFIX, Settings, parse_settings
 from tests.serving.conftest import REPO_ROOT, ServerProcess, write_repository
 
 
@@ -79,26 +79,6 @@ def test_decode_pool_shares_the_cores_among_workers(
     workers: int, threads: int, pool: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers on one box decode side by side: by default each gets its share of the cores the process may
-    use (a container's CPU set, not the host's count), at least one."""
-    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
-    monkeypatch.setattr("serving.settings._CGROUP_CPU_MAX", Path("/nonexistent/cpu.max"))
+    use (``serving.cores``), at least one."""
+    monkeypatch.setattr("serving.settings.usable_cores", lambda: 16)
     assert Settings(workers=workers, decode_threads=threads).decode_pool_size() == pool
-
-
-@pytest.mark.parametrize(
-    ("cpu_max", "cores"), [("max 100000\n", None), ("800000 100000\n", 8), ("150000 100000\n", 2), ("", None)]
-)
-def test_a_containers_cpu_limit_is_read_from_its_cgroup(tmp_path: Path, cpu_max: str, cores: int | None) -> None:
-    """A pod limited to 8 CPUs on a 64-core node sees 64 cores but may use 8: its cgroup says so."""
-    path = tmp_path / "cpu.max"
-    path.write_text(cpu_max)
-    assert cgroup_cpu_limit(path) == cores
-    assert cgroup_cpu_limit(tmp_path / "absent") is None
-
-
-def test_the_decode_pool_shares_the_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "cpu.max"
-    path.write_text("800000 100000\n")
-    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
-    monkeypatch.setattr("serving.settings._CGROUP_CPU_MAX", path)
-    assert Settings(workers=2).decode_pool_size() == 4
