@@ -33,14 +33,7 @@ import numpy as np
 
 from serving.engine_merge import BatchMerger
 from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
-from serving.runtime import (
-    Device,
-    DeviceUnavailable,
-    ModelRuntime,
-    ProviderSelector,
-    TensorInfo,
-    placement,
-)
+from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
 
 __all__ = [
     "FRAME", "OK", "TIMING", "ModelKey", "receive_exactly", "receive_json", "run_engine", "send_json", "tensor_of",

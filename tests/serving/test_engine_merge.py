@@ -58,6 +58,17 @@ def _submit(merger: BatchMerger, images: np.ndarray, results: dict[int, object])
     return thread
 
 
+def _submit_timed(merger: BatchMerger, images: np.ndarray, timings: dict[int, EngineRun]) -> threading.Thread:
+    """Run ``images`` on a thread of their own; their timing goes into ``timings`` under their first pixel."""
+
+    def send() -> None:
+        timings[int(images[0, 0, 0])] = merger.run(images, len(images), np.zeros((len(images), 4), np.float32))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
 def _wait_for(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 10
     while not condition():
@@ -163,14 +174,7 @@ def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() 
     model = GatedModel()
     merger = BatchMerger(model, 16)
     timings: dict[int, EngineRun] = {}
-
-    def send(images: np.ndarray) -> threading.Thread:
-        def run() -> None:
-            timings[int(images[0, 0, 0])] = merger.run(images, len(images), np.zeros((len(images), 4), np.float32))
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+    send = partial(_submit_timed, merger, timings=timings)
 
     threads = [send(_images(2, 100))]
     assert model.started.wait(10)
@@ -198,14 +202,7 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     model = GatedModel()
     merger = BatchMerger(model, 8)
     timings: dict[int, EngineRun] = {}
-
-    def send(images: np.ndarray) -> threading.Thread:
-        def run() -> None:
-            timings[int(images[0, 0, 0])] = merger.run(images, len(images), np.zeros((len(images), 4), np.float32))
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+    send = partial(_submit_timed, merger, timings=timings)
 
     threads = [send(_images(2, 100))]
     assert model.started.wait(10)
