@@ -1,8 +1,9 @@
 """ONNX Runtime sessions for one model version: provider choice, one session per instance, bucketed batches.
 
-On CUDA, batches are padded up to the next power-of-two "bucket" (capped at ``max_batch_size``), so a session
-only ever sees a handful of shapes: each is warmed up at load time (no first-request stall, and cuDNN's algorithm
-search runs once per shape), and each is a candidate for a captured CUDA graph.
+On CUDA, batches are padded up to the next "bucket" (powers of two, and from 96 on the sizes halfway between,
+capped at ``max_batch_size``), so a session only ever sees a handful of shapes: each is warmed up at load time
+(no first-request stall, and cuDNN's algorithm search runs once per shape), and each is a candidate for a
+captured CUDA graph.
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def placement(providers: Sequence[str], fp16: bool) -> str:
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself: the shapes a model runs."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return (*sizes, max_batch_size)
+    """The shapes a model runs: powers of two, from 96 on also the sizes halfway between (96, 192, 384, ...),
+    below ``max_batch_size``, then ``max_batch_size`` itself.
+
+    Above 32 a run's time grows with its bucket's size, so a run padded up to the next power of two could pay
+    for nearly twice its images; the halfway sizes cap the padding at a third for one more session each.
+    """
+    powers = {1 << i for i in range(max_batch_size.bit_length())}
+    halfway = {3 << i for i in range(5, max_batch_size.bit_length())}
+    return (*sorted(size for size in powers | halfway if size < max_batch_size), max_batch_size)
 
 
 class ProviderSelector:

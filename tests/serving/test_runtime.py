@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector
+from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector, batch_buckets
 
 DIGITS = Path("models/digits/1/model.onnx")
 
@@ -55,3 +55,14 @@ def test_a_cpu_fallback_shares_the_cores_from_the_first_model_on() -> None:
         pytest.skip("CUDA runs here: there is no fallback to see")
     threads = {sessions[1].get_session_options().intra_op_num_threads for sessions in loaded.instances}
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "buckets"),
+    [(4, (1, 2, 4)), (16, (1, 2, 4, 8, 16)), (100, (1, 2, 4, 8, 16, 32, 64, 96, 100)),
+     (128, (1, 2, 4, 8, 16, 32, 64, 96, 128)),
+     (1024, (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024))],
+)  # fmt: skip
+def test_buckets_are_powers_of_two_and_from_96_halfway_sizes(max_batch_size: int, buckets: tuple[int, ...]) -> None:
+    """A run of 70 images goes in a session for 96, not 128: the padding is at most a third of a large run."""
+    assert batch_buckets(max_batch_size) == buckets
