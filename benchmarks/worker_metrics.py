@@ -16,7 +16,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["WorkerShare", "engine_split", "free_port_run", "idle_workers", "inside_server", "scrape", "share"]
+__all__ = [
+    "WorkerShare",
+    "decode_split",
+    "engine_split",
+    "free_port_run",
+    "idle_workers",
+    "inside_server",
+    "scrape",
+    "share",
+]
 
 # (sample name, the label a sample must carry, or None): what a share is computed from
 _SAMPLES = {
@@ -32,6 +41,10 @@ _SAMPLES = {
     "engine_run_s": ("classify_engine_run_duration_seconds_sum", None),
     "engine_n": ("classify_engine_run_duration_seconds_count", None),
     "engine_images": ("classify_engine_run_size_sum", None),
+    "decode_wait_s": ("classify_decode_wait_duration_seconds_sum", None),
+    "decode_s": ("classify_decode_duration_seconds_sum", None),
+    "decode_n": ("classify_decode_duration_seconds_count", None),
+    "decode_cpu_s": ("classify_decode_cpu_seconds_total", None),
 }
 
 
@@ -51,6 +64,11 @@ class WorkerShare:
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
     engine_run_images: float | None = None
+    # Per encoded image: its wait for a decode thread, the decode's wall time and its thread's CPU time in it
+    decoded: int = 0
+    decode_wait_ms: float | None = None
+    decode_ms: float | None = None
+    decode_cpu_ms: float | None = None
 
 
 def free_port_run(count: int, attempts: int = 50) -> int:
@@ -104,6 +122,10 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
         engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
         engine_run_images=mean("engine_images", "engine_n", 1.0),
+        decoded=round(run["decode_n"]),
+        decode_wait_ms=mean("decode_wait_s", "decode_n", 1e3),
+        decode_ms=mean("decode_s", "decode_n", 1e3),
+        decode_cpu_ms=mean("decode_cpu_s", "decode_n", 1e3),
     )
 
 
@@ -128,6 +150,15 @@ def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, flo
         for key in ("engine_wait_ms", "engine_run_ms", "engine_run_images")
     )
     return None if wait is None or run is None or images is None else (wait, run, images)
+
+
+def decode_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
+    """Over every encoded image the workers decoded: the mean wait for a decode thread (ms), the mean decode's
+    wall time (ms) and its thread's CPU time in it (ms). None where nothing was decoded."""
+    wait, wall, cpu = (
+        _weighted_mean(shares, key, "decoded") for key in ("decode_wait_ms", "decode_ms", "decode_cpu_ms")
+    )
+    return None if wait is None or wall is None or cpu is None else (wait, wall, cpu)
 
 
 def _weighted_mean(shares: Sequence[Mapping[str, Any]], key: str, weight: str) -> float | None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import InvalidArgument, ServiceError
-from serving.images import ImageLimits, decode_image, raw_image
-from serving.metrics import Metrics
+from serving.images import ImageLimits, InputSpec, decode_image, raw_image
+from serving.metrics import Metrics, ModelMetrics
 from serving.model_config import ModelSpec
 from serving.repository import ModelRepository, ModelVersion
 
@@ -37,6 +37,20 @@ class LabelScore:
     label: str
     index: int
     score: float
+
+
+def _decode_timed(
+    data: bytes, spec: InputSpec, limits: ImageLimits, metrics: ModelMetrics, submitted_ns: int
+) -> np.ndarray:
+    """``decode_image`` on a decode thread, recording the wait for the thread, the decode's wall time and the
+    thread's CPU time in it: wall time well above CPU time means the decode threads wait for the GIL or a core."""
+    started_ns, cpu_ns = time.perf_counter_ns(), time.thread_time_ns()
+    try:
+        return decode_image(data, spec, limits)
+    finally:
+        metrics.image_decoded(
+            started_ns - submitted_ns, time.perf_counter_ns() - started_ns, time.thread_time_ns() - cpu_ns
+        )
 
 
 class DataPlane:
@@ -113,7 +127,10 @@ class DataPlane:
                     return raw_image(image.raw, image.shape, spec)
                 if image.encoded is None:
                     raise InvalidArgument("neither encoded bytes nor a raw tensor was given")
-                return await loop.run_in_executor(self.decode_executor, decode_image, image.encoded, spec, self.limits)
+                return await loop.run_in_executor(
+                    self.decode_executor, _decode_timed, image.encoded, spec, self.limits, served.metrics,
+                    time.perf_counter_ns(),
+                )  # fmt: skip
             except InvalidArgument as exc:
                 raise InvalidArgument(f"image {index}: {exc}") from None
 

@@ -58,6 +58,19 @@ class Metrics:
         self.engine_run_size = histogram(
             "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS
         )
+        # Per encoded image: its wait for a decode thread, the decode's wall time on that thread, and the thread's
+        # CPU time in it. Where the wall time runs ahead of the CPU time the thread was ready but not running:
+        # waiting for its process's GIL or for a core.
+        self.decode_wait = histogram(
+            "classify_decode_wait_duration_seconds", "Time an encoded image waited for a decode thread",
+            _LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.decode_time = histogram(
+            "classify_decode_duration_seconds", "Wall time of one image's decode on its thread", _LATENCY_BUCKETS
+        )
+        self.decode_cpu = Counter(
+            "classify_decode_cpu_seconds", "CPU time the decode threads spent decoding", labels, registry=registry
+        )
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
@@ -92,6 +105,9 @@ class ModelMetrics:
         self._engine_wait = m.engine_wait.labels(*labels)
         self._engine_run = m.engine_run.labels(*labels)
         self._engine_run_size = m.engine_run_size.labels(*labels)
+        self._decode_wait = m.decode_wait.labels(*labels)
+        self._decode_time = m.decode_time.labels(*labels)
+        self._decode_cpu = m.decode_cpu.labels(*labels)
         self.pending = m.pending.labels(*labels)
 
     def batch_done(self, batch_size: int, compute_ns: int) -> None:
@@ -106,6 +122,12 @@ class ModelMetrics:
         self._engine_wait.observe(run.wait_ns / 1e9)
         self._engine_run.observe(run.run_ns / 1e9)
         self._engine_run_size.observe(run.run_rows)
+
+    def image_decoded(self, wait_ns: int, wall_ns: int, cpu_ns: int) -> None:
+        """One encoded image decoded, or refused as unreadable, on its decode thread."""
+        self._decode_wait.observe(wait_ns / 1e9)
+        self._decode_time.observe(wall_ns / 1e9)
+        self._decode_cpu.inc(cpu_ns / 1e9)
 
     def request_done(self, images: int, queue_ns: int, total_ns: int, ok: bool) -> None:
         if ok:

@@ -12,7 +12,7 @@ from pathlib import Path
 from serving.batching import BatchObserver, DynamicBatcher
 from serving.engine_client import RemoteRuntime
 from serving.errors import NotFound, Unavailable
-from serving.metrics import Metrics
+from serving.metrics import Metrics, ModelMetrics
 from serving.model_config import ConfigError, ModelSpec, load_model_spec
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, placement
 from serving.statistics import ModelStatistics
@@ -64,6 +64,7 @@ class ModelVersion:
     runtime: Runtime
     batcher: DynamicBatcher
     executor: ThreadPoolExecutor
+    metrics: ModelMetrics
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
 
     @property
@@ -201,7 +202,7 @@ class ModelRepository:
         model_metrics.pending.set_function(lambda: batcher.queue_depth)
         if isinstance(runtime, RemoteRuntime):
             runtime.observe_engine(model_metrics.engine_done)
-        return ModelVersion(spec, version, runtime, batcher, executor, statistics)
+        return ModelVersion(spec, version, runtime, batcher, executor, model_metrics, statistics)
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests get UNAVAILABLE, queued ones finish within the drain grace."""

@@ -21,7 +21,7 @@ from benchmarks.harness import (
     server_repository,
     start_server,
 )
-from benchmarks.worker_metrics import inside_server
+from benchmarks.worker_metrics import decode_split, inside_server
 from serving.protos.inference import model_config_pb2 as mc
 
 PERF_ANALYZER = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
@@ -175,6 +175,10 @@ def test_catdog_grpc_sends_the_validation_jpegs(repo_root: Path, data_dir: Path,
     assert ceilings["decode_all_processes"] > 0
     assert ceilings["model_ceilings"] == pytest.approx({"fp32": 8786.41, "fp16": 11157.05}, abs=0.01)
     assert {row["precision"] for row in rows} == {"fp32"}, "the committed FP16 config runs FP32 on the CPU"
+    for row in rows:  # every worker timed each JPEG it decoded: the wait for a thread, wall and CPU time
+        wait_ms, wall_ms, cpu_ms = decode_split(row["usage"]["workers"]) or pytest.fail(f"no decode split: {row}")
+        assert wait_ms >= 0
+        assert 0 < cpu_ms <= wall_ms + 0.01
     table = (logs / "catdog_grpc.txt").read_text()
     (to_decode, to_model), *_ = _ratio_cells(table, "server", 2)
     assert float(to_model) == pytest.approx(rows[0]["images_per_s"] / ceilings["model_ceilings"]["fp32"], abs=0.006)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.worker_metrics import engine_split, idle_workers, inside_server
+from benchmarks.worker_metrics import decode_split, engine_split, idle_workers, inside_server
 
 _BUSY = {"requests": 300, "request_ms": 10.0}
 _LIGHT = {"requests": 100, "request_ms": 2.0}
@@ -44,3 +44,13 @@ def test_without_the_engine_there_is_no_engine_split() -> None:
     alone = {"engine_batches": 0, "engine_wait_ms": None, "engine_run_ms": None, "engine_run_images": None}
     assert engine_split([alone]) is None
     assert engine_split([]) is None
+
+
+def test_the_decode_split_is_weighted_by_each_workers_images() -> None:
+    """3,000 images waiting 8 ms and 1,000 waiting 0 wait 6 ms on average; a worker that decoded nothing (raw
+    pixels only) has no say, and where no worker decoded there is no split."""
+    first = {"decoded": 3000, "decode_wait_ms": 8.0, "decode_ms": 2.0, "decode_cpu_ms": 0.8}
+    second = {"decoded": 1000, "decode_wait_ms": 0.0, "decode_ms": 1.0, "decode_cpu_ms": 0.8}
+    raw_only = {"decoded": 0, "decode_wait_ms": None, "decode_ms": None, "decode_cpu_ms": None}
+    assert decode_split([first, second, raw_only]) == pytest.approx((6.0, 1.75, 0.8))
+    assert decode_split([raw_only]) is None
