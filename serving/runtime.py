@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serving.cores import usable_cores
 from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
 from serving.precision import float16_model
 
@@ -226,8 +226,9 @@ class ModelRuntime:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if providers.on_cpu:
-            # Share the cores between instances instead of every session spinning up one thread per core.
-            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // instance_count)
+            # Share the cores this process may use (its CPU set and cgroup limit, not the machine's) between
+            # instances, instead of every session spinning up one thread per core.
+            options.intra_op_num_threads = max(1, usable_cores() // instance_count)
         return options
 
     @staticmethod

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from serving.cores import usable_cores
 from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector, batch_buckets
 
 DIGITS = Path("models/digits/1/model.onnx")
@@ -54,7 +55,19 @@ def test_a_cpu_fallback_shares_the_cores_from_the_first_model_on() -> None:
     if loaded.providers != ["CPUExecutionProvider"]:
         pytest.skip("CUDA runs here: there is no fallback to see")
     threads = {sessions[1].get_session_options().intra_op_num_threads for sessions in loaded.instances}
-    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+    assert threads == {max(1, usable_cores() // 2)}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_cpu_sessions_use_the_cores_the_process_may_run_on_not_the_machines() -> None:
+    """A process pinned to one core (taskset, a container's cpuset) gets one intra-op thread, not one per core."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        loaded = ModelRuntime(DIGITS, 1, 4, ProviderSelector(Device.CPU))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert loaded.instances[0][1].get_session_options().intra_op_num_threads == 1
 
 
 @pytest.mark.parametrize(
