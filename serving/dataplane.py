@@ -44,12 +44,12 @@ def _decode_timed(
 ) -> np.ndarray:
     """``decode_image`` on a decode thread, recording the wait for the thread, the decode's wall time and the
     thread's CPU time in it: wall time well above CPU time means the decode threads wait for the GIL or a core."""
-    started_ns, cpu_ns = time.perf_counter_ns(), time.thread_time_ns()
+    started_ns, cpu_started_ns = time.perf_counter_ns(), time.thread_time_ns()
     try:
         return decode_image(data, spec, limits)
     finally:
         metrics.image_decoded(
-            started_ns - submitted_ns, time.perf_counter_ns() - started_ns, time.thread_time_ns() - cpu_ns
+            started_ns - submitted_ns, time.perf_counter_ns() - started_ns, time.thread_time_ns() - cpu_started_ns
         )
 
 

@@ -58,13 +58,15 @@ class Metrics:
         self.engine_run_size = histogram(
             "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS
         )
-        # Per encoded image: its wait for a decode thread, the decode's wall time on that thread, and the thread's
-        # CPU time in it. Where the wall time runs ahead of the CPU time the thread was ready but not running:
-        # waiting for its process's GIL or for a core.
+        # Per encoded image: its wait for a decode thread (behind other requests' images and its own request's,
+        # so a request of more images than threads waits even alone), the decode's wall time on that thread, and
+        # the thread's CPU time in it. Where the wall time runs ahead of the CPU time the thread was ready but
+        # not running: waiting for its process's GIL or for a core.
         self.decode_wait = histogram(
-            "classify_decode_wait_duration_seconds", "Time an encoded image waited for a decode thread",
+            "classify_decode_wait_duration_seconds",
+            "Time an encoded image waited for a decode thread, behind other images of its own request or others",
             _LATENCY_BUCKETS,
-        )  # fmt: skip
+        )
         self.decode_time = histogram(
             "classify_decode_duration_seconds", "Wall time of one image's decode on its thread", _LATENCY_BUCKETS
         )

@@ -68,8 +68,9 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """The shapes a model runs: powers of two, from 96 on also the sizes halfway between (96, 192, 384, ...),
     below ``max_batch_size``, then ``max_batch_size`` itself.
 
-    Above 32 a run's time grows with its bucket's size, so a run padded up to the next power of two could pay
-    for nearly twice its images; the halfway sizes cap the padding at a third for one more session each.
+    A large run costs about its bucket (on an H200, a cat/dog run of 65 images took what one of 128 did), so a
+    run padded up to the next power of two could pay for nearly twice its images. Halfway sizes keep the
+    padding under a third of the session's rows, for one more session (and warm-up) per size.
     """
     powers = {1 << i for i in range(max_batch_size.bit_length())}
     halfway = {3 << i for i in range(5, max_batch_size.bit_length())}
@@ -226,8 +227,8 @@ class ModelRuntime:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if providers.on_cpu:
-            # Share the cores this process may use (its CPU set and cgroup limit, not the machine's) between
-            # instances, instead of every session spinning up one thread per core.
+            # Split the cores this process may use (its CPU set and cgroup limit, not the machine's) between the
+            # model's instances, instead of every session taking one thread per core of the machine.
             options.intra_op_num_threads = max(1, usable_cores() // instance_count)
         return options
 

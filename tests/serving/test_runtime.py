@@ -60,7 +60,8 @@ def test_a_cpu_fallback_shares_the_cores_from_the_first_model_on() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_cpu_sessions_use_the_cores_the_process_may_run_on_not_the_machines() -> None:
-    """A process pinned to one core (taskset, a container's cpuset) gets one intra-op thread, not one per core."""
+    """Pinned to one core (as by taskset or a container's cpuset), a model gets one intra-op thread, not one per
+    core of the machine. (Linux pins the calling thread here, the one that loads the model and asks.)"""
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(allowed)})
     try:
@@ -77,5 +78,5 @@ def test_cpu_sessions_use_the_cores_the_process_may_run_on_not_the_machines() ->
      (1024, (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024))],
 )  # fmt: skip
 def test_buckets_are_powers_of_two_and_from_96_halfway_sizes(max_batch_size: int, buckets: tuple[int, ...]) -> None:
-    """A run of 70 images goes in a session for 96, not 128: the padding is at most a third of a large run."""
+    """A run of 70 images goes in a session for 96, not 128: padding stays under a third of a large session."""
     assert batch_buckets(max_batch_size) == buckets
