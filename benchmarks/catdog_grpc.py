@@ -9,7 +9,8 @@ The baseline is the same server with batching off (max batch 1, no delay) and on
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
 the model instance, and the time and images of the joined run that answered it (a batch split over two
-runs: the second); ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread
+runs: the second), and ``inst0`` the part of those batches sent to the model's instance 0 (0.5 is even over
+two); ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread
 (behind other images, its own request's included), the decode's wall time and its thread's CPU time in it
 (wall well above CPU: the thread waited for its worker's GIL or a core).
 
@@ -38,7 +39,7 @@ from benchmarks.harness import (
     sample_usage,
     start_named_server,
 )
-from benchmarks.worker_metrics import decode_split, engine_split, idle_workers, inside_server
+from benchmarks.worker_metrics import decode_split, engine_split, first_instance_share, idle_workers, inside_server
 from serving.images import InputSpec, ResizeMode, decode_image
 
 MODEL = "catdog"
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
         ["server", "precision", "batch", "conc", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "eng wait", "eng run", "run imgs", "dec wait",
+         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "eng wait", "eng run", "run imgs", "inst0", "dec wait",
          "dec ms", "dec cpu", "/decode", "/model"],
         [
             [row["server"], row["precision"], row["batch"], row["concurrency"], row["mode"], row["images_per_s"],
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              row["usage"]["gpu_percent"], idle_workers(row["usage"]["workers"]),  # type: ignore[index]
              inside_server(row["usage"]["workers"], row["mean_ms"]),  # type: ignore[index,arg-type]
              *(engine_split(row["usage"]["workers"]) or (None,) * 3),  # type: ignore[index]
+             first_instance_share(row["usage"]["workers"]),  # type: ignore[index]
              *(decode_split(row["usage"]["workers"]) or (None,) * 3),  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]
              _ratio(float(row["images_per_s"]), ceilings.get(str(row["precision"])))]  # type: ignore[arg-type]

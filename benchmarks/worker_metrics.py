@@ -20,6 +20,7 @@ __all__ = [
     "WorkerShare",
     "decode_split",
     "engine_split",
+    "first_instance_share",
     "free_port_run",
     "idle_workers",
     "inside_server",
@@ -40,6 +41,7 @@ _SAMPLES = {
     "engine_wait_s": ("classify_engine_wait_duration_seconds_sum", None),
     "engine_run_s": ("classify_engine_run_duration_seconds_sum", None),
     "engine_n": ("classify_engine_run_duration_seconds_count", None),
+    "engine_n_first": ("classify_engine_run_duration_seconds_count", ("instance", "0")),
     "engine_images": ("classify_engine_run_size_sum", None),
     "decode_wait_s": ("classify_decode_wait_duration_seconds_sum", None),
     "decode_s": ("classify_decode_duration_seconds_sum", None),
@@ -61,6 +63,7 @@ class WorkerShare:
     # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run
     # that answered it (time and images); None without the engine
     engine_batches: int = 0
+    engine_first_instance_batches: int = 0  # of those, the batches sent to the model's instance 0
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
     engine_run_images: float | None = None
@@ -119,6 +122,7 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         compute_ms=mean("compute_s", "compute_n", 1e3),
         batch=mean("images", "compute_n", 1.0),
         engine_batches=round(run["engine_n"]),
+        engine_first_instance_batches=round(run["engine_n_first"]),
         engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
         engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
         engine_run_images=mean("engine_images", "engine_n", 1.0),
@@ -150,6 +154,14 @@ def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, flo
         for key in ("engine_wait_ms", "engine_run_ms", "engine_run_images")
     )
     return None if wait is None or run is None or images is None else (wait, run, images)
+
+
+def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
+    """The part of every batch the workers sent to the engine that went to the model's instance 0: 1 / instances
+    when the workers spread them evenly. None without the engine."""
+    batches = sum(worker.get("engine_batches", 0) for worker in shares)
+    first = sum(worker.get("engine_first_instance_batches", 0) for worker in shares)
+    return first / batches if batches else None
 
 
 def decode_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:

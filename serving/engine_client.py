@@ -64,7 +64,8 @@ class _Instance:
         self.outputs = self.outputs.reshape(-1, classes)
         self.frame = bytearray(FRAME.size)
         self.timing = bytearray(TIMING.size)
-        self.observer: Callable[[EngineRun], None] | None = None
+        self.index = instance
+        self.observer: Callable[[int, EngineRun], None] | None = None
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Blocking, on the batcher's executor thread: one batch through the engine."""
@@ -84,7 +85,7 @@ class _Instance:
         self._receive(self.timing)
         if self.observer is not None:
             try:
-                self.observer(EngineRun(*TIMING.unpack(self.timing)))
+                self.observer(self.index, EngineRun(*TIMING.unpack(self.timing)))
             except Exception:  # a statistic must not fail a batch that ran
                 _log.exception("recording the engine's timing failed")
         return self.outputs[:rows].copy()
@@ -142,9 +143,10 @@ class RemoteRuntime:
     def warm_up(self) -> None:
         """Nothing to do: the engine warmed every bucket up when it loaded the model."""
 
-    def observe_engine(self, observer: Callable[[EngineRun], None]) -> None:
-        """Have ``observer`` called with where each batch's time in the engine went, on the batcher's executor
-        thread that ran the batch (not the event loop's): it must be thread-safe, as Prometheus metrics are."""
+    def observe_engine(self, observer: Callable[[int, EngineRun], None]) -> None:
+        """Have ``observer`` called with the instance and where each batch's time in the engine went, on the
+        batcher's executor thread that ran the batch (not the event loop's): it must be thread-safe, as
+        Prometheus metrics are."""
         for instance in self._instances:
             instance.observer = observer
 

@@ -45,18 +45,20 @@ class Metrics:
         )
         self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
         # With --workers N an execution goes through the engine process, which joins the batches workers send at
-        # once: per batch sent, its wait there for the model instance and the joined run that answered it.
+        # once: per batch sent, its wait there for the model instance and the joined run that answered it, by
+        # instance (each worker reaches instance i over its connection i, so the counts show how evenly the
+        # workers spread their batches over the instances).
         self.engine_wait = histogram(
             "classify_engine_wait_duration_seconds", "Time a batch waited in the engine for its model instance",
-            _LATENCY_BUCKETS,
+            _LATENCY_BUCKETS, "instance",
         )  # fmt: skip
         self.engine_run = histogram(
             "classify_engine_run_duration_seconds",
             "Time of the engine run that answered a batch (for a split batch, its last rows' run)",
-            _LATENCY_BUCKETS,
-        )
+            _LATENCY_BUCKETS, "instance",
+        )  # fmt: skip
         self.engine_run_size = histogram(
-            "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS
+            "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS, "instance"
         )
         # Per encoded image: its wait for a decode thread (behind other requests' images and its own request's,
         # so a request of more images than threads waits even alone), the decode's wall time on that thread, and
@@ -104,9 +106,7 @@ class ModelMetrics:
         self._compute = m.compute_time.labels(*labels)
         self._batch = m.batch_size.labels(*labels)
         self._queue = m.queue_time.labels(*labels)
-        self._engine_wait = m.engine_wait.labels(*labels)
-        self._engine_run = m.engine_run.labels(*labels)
-        self._engine_run_size = m.engine_run_size.labels(*labels)
+        self._engine_children: dict[int, tuple[Histogram, Histogram, Histogram]] = {}
         self._decode_wait = m.decode_wait.labels(*labels)
         self._decode_time = m.decode_time.labels(*labels)
         self._decode_cpu = m.decode_cpu.labels(*labels)
@@ -118,12 +118,18 @@ class ModelMetrics:
         self._compute.observe(compute_ns / 1e9)
         self._batch.observe(batch_size)
 
-    def engine_done(self, run: EngineRun) -> None:
-        """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``), on the
-        executor thread that sent it. Exported by every server, recorded only with ``--workers N``."""
-        self._engine_wait.observe(run.wait_ns / 1e9)
-        self._engine_run.observe(run.run_ns / 1e9)
-        self._engine_run_size.observe(run.run_rows)
+    def engine_done(self, instance: int, run: EngineRun) -> None:
+        """One batch back from the engine's ``instance`` (``serving.engine_client.RemoteRuntime.observe_engine``),
+        on the executor thread that sent it. Exported by every server, recorded only with ``--workers N``."""
+        children = self._engine_children.get(instance)
+        if children is None:  # a race here only makes the same children twice: labels() returns the same ones
+            m, labels = self.metrics, (self.model, self.version, str(instance))
+            children = (m.engine_wait.labels(*labels), m.engine_run.labels(*labels), m.engine_run_size.labels(*labels))
+            self._engine_children[instance] = children
+        wait, run_time, run_size = children
+        wait.observe(run.wait_ns / 1e9)
+        run_time.observe(run.run_ns / 1e9)
+        run_size.observe(run.run_rows)
 
     def image_decoded(self, wait_ns: int, wall_ns: int, cpu_ns: int) -> None:
         """One encoded image decoded, or refused as unreadable, on its decode thread."""

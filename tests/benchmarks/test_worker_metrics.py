@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.worker_metrics import decode_split, engine_split, idle_workers, inside_server
+from benchmarks.worker_metrics import decode_split, engine_split, first_instance_share, idle_workers, inside_server
 
 _BUSY = {"requests": 300, "request_ms": 10.0}
 _LIGHT = {"requests": 100, "request_ms": 2.0}
@@ -54,3 +54,11 @@ def test_the_decode_split_is_weighted_by_each_workers_images() -> None:
     raw_only = {"decoded": 0, "decode_wait_ms": None, "decode_ms": None, "decode_cpu_ms": None}
     assert decode_split([first, second, raw_only]) == pytest.approx((6.0, 1.75, 0.8))
     assert decode_split([raw_only]) is None
+
+
+def test_the_first_instance_share_counts_batches_over_all_workers() -> None:
+    """300 of 400 batches and 20 of 100 went to instance 0: 320 of 500. Without the engine there is no share."""
+    busy = {"engine_batches": 400, "engine_first_instance_batches": 300}
+    light = {"engine_batches": 100, "engine_first_instance_batches": 20}
+    assert first_instance_share([busy, light, _IDLE]) == pytest.approx(0.64)
+    assert first_instance_share([{"engine_batches": 0, "engine_first_instance_batches": 0}]) is None

@@ -20,18 +20,25 @@ CONNECTIONS = 24
 
 
 def _samples(metrics_port: int) -> dict[str, float]:
-    """Each sample's value by its name, summed over label sets (one model here)."""
+    """Each sample's value by its name, summed over label sets (one model here), and by name and instance for
+    the samples that name an engine instance (``name{instance=N}``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            names = [sample.name]
+            if "instance" in sample.labels:
+                names.append(f"{sample.name}{{instance={sample.labels['instance']}}}")
+            for name in names:
+                totals[name] = totals.get(name, 0.0) + sample.value
     return totals
 
 
 def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Path) -> None:
     """One Python process cannot use a big machine; N workers must all take connections on the same port."""
-    repository = write_repository(tmp_path / "models")
+    repository = write_repository(
+        tmp_path / "models", {"digits": {"max_batch_size": 16, "delay_us": 2000, "max_queue_size": 256, "instances": 2}}
+    )
     metrics_base = free_port()
     port = free_port()
     server: ServerProcess = start_server(  # type: ignore[operator]
@@ -62,6 +69,8 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
             < worker["classify_engine_run_duration_seconds_sum"]
             <= worker["classify_compute_infer_duration_seconds_sum"]
         )
+        by_instance = [worker.get(f"classify_engine_run_duration_seconds_count{{instance={i}}}", 0.0) for i in (0, 1)]
+        assert sum(by_instance) == worker["classify_batch_size_count"], "each batch counted under its instance"
 
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0, server.log
