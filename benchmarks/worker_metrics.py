@@ -28,8 +28,9 @@ __all__ = [
     "share",
 ]
 
-# (sample name, the label a sample must carry, or None): what a share is computed from
-_SAMPLES = {
+# (sample name, the label a sample must carry with its value (None: any value), or None): what a share is
+# computed from
+_SAMPLES: dict[str, tuple[str, tuple[str, str | None] | None]] = {
     "requests": ("nv_inference_request_success_total", None),
     "request_s": ("classify_request_duration_seconds_sum", ("status", "OK")),
     "request_n": ("classify_request_duration_seconds_count", ("status", "OK")),
@@ -41,7 +42,8 @@ _SAMPLES = {
     "engine_wait_s": ("classify_engine_wait_duration_seconds_sum", None),
     "engine_run_s": ("classify_engine_run_duration_seconds_sum", None),
     "engine_n": ("classify_engine_run_duration_seconds_count", None),
-    "engine_n_first": ("classify_engine_run_duration_seconds_count", ("instance", "0")),
+    "engine_n_labelled": ("classify_engine_run_duration_seconds_count", ("model_instance", None)),
+    "engine_n_first": ("classify_engine_run_duration_seconds_count", ("model_instance", "0")),
     "engine_images": ("classify_engine_run_size_sum", None),
     "decode_wait_s": ("classify_decode_wait_duration_seconds_sum", None),
     "decode_s": ("classify_decode_duration_seconds_sum", None),
@@ -63,7 +65,8 @@ class WorkerShare:
     # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run
     # that answered it (time and images); None without the engine
     engine_batches: int = 0
-    engine_first_instance_batches: int = 0  # of those, the batches sent to the model's instance 0
+    engine_labelled_batches: int = 0  # of those, the batches counted by model instance (servers from 9f1b081 on)
+    engine_first_instance_batches: int = 0  # and of those, the batches sent to the model's instance 0
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
     engine_run_images: float | None = None
@@ -102,9 +105,13 @@ def scrape(port: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             for total, (name, label) in _SAMPLES.items():
-                if sample.name == name and (label is None or sample.labels.get(label[0]) == label[1]):
+                if sample.name == name and (label is None or _carries(sample.labels, *label)):
                     totals[total] += sample.value
     return totals
+
+
+def _carries(labels: Mapping[str, str], key: str, value: str | None) -> bool:
+    return key in labels if value is None else labels.get(key) == value
 
 
 def share(port: int, before: dict[str, float], after: dict[str, float]) -> WorkerShare:
@@ -122,6 +129,7 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         compute_ms=mean("compute_s", "compute_n", 1e3),
         batch=mean("images", "compute_n", 1.0),
         engine_batches=round(run["engine_n"]),
+        engine_labelled_batches=round(run["engine_n_labelled"]),
         engine_first_instance_batches=round(run["engine_n_first"]),
         engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
         engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
@@ -158,8 +166,9 @@ def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, flo
 
 def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
     """The part of every batch the workers sent to the engine that went to the model's instance 0: 1 / instances
-    when the workers spread them evenly. None without the engine."""
-    batches = sum(worker.get("engine_batches", 0) for worker in shares)
+    when the workers spread them evenly. None without the engine, or from a server that does not count batches
+    by instance."""
+    batches = sum(worker.get("engine_labelled_batches", 0) for worker in shares)
     first = sum(worker.get("engine_first_instance_batches", 0) for worker in shares)
     return first / batches if batches else None
 

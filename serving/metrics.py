@@ -46,20 +46,22 @@ class Metrics:
         self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
         # With --workers N an execution goes through the engine process, which joins the batches workers send at
         # once: per batch sent, its wait there for the model instance and the joined run that answered it, by
-        # instance (each worker reaches instance i over its connection i, so the counts show how evenly the
-        # workers spread their batches over the instances).
+        # model instance (each worker reaches instance i over its connection i, so the counts show how evenly
+        # the workers spread their batches over the instances). Not "instance": Prometheus gives every scraped
+        # series that label itself, for the address it scraped.
         self.engine_wait = histogram(
             "classify_engine_wait_duration_seconds", "Time a batch waited in the engine for its model instance",
-            _LATENCY_BUCKETS, "instance",
+            _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_run = histogram(
             "classify_engine_run_duration_seconds",
             "Time of the engine run that answered a batch (for a split batch, its last rows' run)",
-            _LATENCY_BUCKETS, "instance",
+            _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_run_size = histogram(
-            "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS, "instance"
-        )
+            "classify_engine_run_size", "Images in the engine run that answered a batch", _BATCH_BUCKETS,
+            "model_instance",
+        )  # fmt: skip
         # Per encoded image: its wait for a decode thread (behind other requests' images and its own request's,
         # so a request of more images than threads waits even alone), the decode's wall time on that thread, and
         # the thread's CPU time in it. Where the wall time runs ahead of the CPU time the thread was ready but
@@ -106,7 +108,7 @@ class ModelMetrics:
         self._compute = m.compute_time.labels(*labels)
         self._batch = m.batch_size.labels(*labels)
         self._queue = m.queue_time.labels(*labels)
-        self._engine_children: dict[int, tuple[Histogram, Histogram, Histogram]] = {}
+        self._engine_children: list[tuple[Histogram, Histogram, Histogram]] = []
         self._decode_wait = m.decode_wait.labels(*labels)
         self._decode_time = m.decode_time.labels(*labels)
         self._decode_cpu = m.decode_cpu.labels(*labels)
@@ -118,15 +120,19 @@ class ModelMetrics:
         self._compute.observe(compute_ns / 1e9)
         self._batch.observe(batch_size)
 
+    def track_engine(self, instances: int) -> None:
+        """Export the engine series of each of the model's ``instances`` from now on (at 0 until batches come
+        back), for a model whose sessions live in the engine process: only ``--workers N`` servers have them."""
+        m = self.metrics
+        self._engine_children = [
+            (m.engine_wait.labels(*labels), m.engine_run.labels(*labels), m.engine_run_size.labels(*labels))
+            for labels in ((self.model, self.version, str(instance)) for instance in range(instances))
+        ]
+
     def engine_done(self, instance: int, run: EngineRun) -> None:
         """One batch back from the engine's ``instance`` (``serving.engine_client.RemoteRuntime.observe_engine``),
-        on the executor thread that sent it. Exported by every server, recorded only with ``--workers N``."""
-        children = self._engine_children.get(instance)
-        if children is None:  # a race here only makes the same children twice: labels() returns the same ones
-            m, labels = self.metrics, (self.model, self.version, str(instance))
-            children = (m.engine_wait.labels(*labels), m.engine_run.labels(*labels), m.engine_run_size.labels(*labels))
-            self._engine_children[instance] = children
-        wait, run_time, run_size = children
+        on the executor thread that sent it; ``track_engine`` made its series."""
+        wait, run_time, run_size = self._engine_children[instance]
         wait.observe(run.wait_ns / 1e9)
         run_time.observe(run.run_ns / 1e9)
         run_size.observe(run.run_rows)

@@ -201,6 +201,7 @@ class ModelRepository:
         batcher.start()
         model_metrics.pending.set_function(lambda: batcher.queue_depth)
         if isinstance(runtime, RemoteRuntime):
+            model_metrics.track_engine(spec.instance_count)
             runtime.observe_engine(model_metrics.engine_done)
         return ModelVersion(spec, version, runtime, batcher, executor, model_metrics, statistics)
 

@@ -57,8 +57,11 @@ def test_the_decode_split_is_weighted_by_each_workers_images() -> None:
 
 
 def test_the_first_instance_share_counts_batches_over_all_workers() -> None:
-    """300 of 400 batches and 20 of 100 went to instance 0: 320 of 500. Without the engine there is no share."""
-    busy = {"engine_batches": 400, "engine_first_instance_batches": 300}
-    light = {"engine_batches": 100, "engine_first_instance_batches": 20}
+    """300 of 400 batches and 20 of 100 went to instance 0: 320 of 500. Without the engine, or from a server that
+    does not count batches by instance, there is no share (not 0)."""
+    busy = {"engine_batches": 400, "engine_labelled_batches": 400, "engine_first_instance_batches": 300}
+    light = {"engine_batches": 100, "engine_labelled_batches": 100, "engine_first_instance_batches": 20}
     assert first_instance_share([busy, light, _IDLE]) == pytest.approx(0.64)
-    assert first_instance_share([{"engine_batches": 0, "engine_first_instance_batches": 0}]) is None
+    assert first_instance_share([{"engine_batches": 0, "engine_labelled_batches": 0}]) is None
+    unlabelled = {"engine_batches": 400, "engine_labelled_batches": 0, "engine_first_instance_batches": 0}
+    assert first_instance_share([unlabelled]) is None

@@ -21,14 +21,14 @@ CONNECTIONS = 24
 
 def _samples(metrics_port: int) -> dict[str, float]:
     """Each sample's value by its name, summed over label sets (one model here), and by name and instance for
-    the samples that name an engine instance (``name{instance=N}``)."""
+    the samples that name an engine instance (``name{model_instance=N}``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             names = [sample.name]
-            if "instance" in sample.labels:
-                names.append(f"{sample.name}{{instance={sample.labels['instance']}}}")
+            if "model_instance" in sample.labels:
+                names.append(f"{sample.name}{{model_instance={sample.labels['model_instance']}}}")
             for name in names:
                 totals[name] = totals.get(name, 0.0) + sample.value
     return totals
@@ -69,7 +69,7 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
             < worker["classify_engine_run_duration_seconds_sum"]
             <= worker["classify_compute_infer_duration_seconds_sum"]
         )
-        by_instance = [worker.get(f"classify_engine_run_duration_seconds_count{{instance={i}}}", 0.0) for i in (0, 1)]
+        by_instance = [worker[f"classify_engine_run_duration_seconds_count{{model_instance={i}}}"] for i in (0, 1)]
         assert sum(by_instance) == worker["classify_batch_size_count"], "each batch counted under its instance"
 
     server.process.send_signal(signal.SIGTERM)
