@@ -157,11 +157,7 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
 def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
     """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
     that answered it (ms) and that run's mean images. None without the engine."""
-    wait, run, images = (
-        _weighted_mean(shares, key, "engine_batches")
-        for key in ("engine_wait_ms", "engine_run_ms", "engine_run_images")
-    )
-    return None if wait is None or run is None or images is None else (wait, run, images)
+    return _weighted_means(shares, ("engine_wait_ms", "engine_run_ms", "engine_run_images"), "engine_batches")
 
 
 def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
@@ -176,10 +172,15 @@ def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
 def decode_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
     """Over every encoded image the workers decoded: the mean wait for a decode thread (ms), the mean decode's
     wall time (ms) and its thread's CPU time in it (ms). None where nothing was decoded."""
-    wait, wall, cpu = (
-        _weighted_mean(shares, key, "decoded") for key in ("decode_wait_ms", "decode_ms", "decode_cpu_ms")
-    )
-    return None if wait is None or wall is None or cpu is None else (wait, wall, cpu)
+    return _weighted_means(shares, ("decode_wait_ms", "decode_ms", "decode_cpu_ms"), "decoded")
+
+
+def _weighted_means(
+    shares: Sequence[Mapping[str, Any]], keys: tuple[str, str, str], weight: str
+) -> tuple[float, float, float] | None:
+    """``_weighted_mean`` of each of ``keys``; None if any is None (no worker has a ``weight`` count)."""
+    first, second, third = (_weighted_mean(shares, key, weight) for key in keys)
+    return None if first is None or second is None or third is None else (first, second, third)
 
 
 def _weighted_mean(shares: Sequence[Mapping[str, Any]], key: str, weight: str) -> float | None:
