@@ -9,7 +9,7 @@ The baseline is the same server with batching off (max batch 1, no delay) and on
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
 the model instance, and the time and images of the joined run that answered it (a batch split over two
-runs: the second), and ``inst0`` the part of those batches sent to the model's instance 0 (0.5 is even over
+runs: the second), and ``inst0`` the part of those batches run by the model's instance 0 (0.5 is even over
 two); ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread
 (behind other images, its own request's included), the decode's wall time and its thread's CPU time in it
 (wall well above CPU: the thread waited for its worker's GIL or a core).

@@ -66,7 +66,7 @@ class WorkerShare:
     # that answered it (time and images); None without the engine
     engine_batches: int = 0
     engine_labelled_batches: int = 0  # of those, the batches counted by model instance (servers from 9f1b081 on)
-    engine_first_instance_batches: int = 0  # and of those, the batches sent to the model's instance 0
+    engine_first_instance_batches: int = 0  # and of those, the batches the model's instance 0 ran
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
     engine_run_images: float | None = None
@@ -161,7 +161,7 @@ def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, flo
 
 
 def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
-    """The part of every batch the workers sent to the engine that went to the model's instance 0: 1 / instances
+    """The part of every batch the workers sent to the engine that the model's instance 0 ran: 1 / instances
     when the workers spread them evenly. None without the engine, or from a server that does not count batches
     by instance."""
     batches = sum(worker.get("engine_labelled_batches", 0) for worker in shares)

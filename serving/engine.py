@@ -6,17 +6,18 @@ ran slower together than one alone. So with ``--workers N`` the gRPC workers kee
 dynamic batching, and send each formed batch here; this process runs it on the one CUDA context, joining
 the batches that workers send at the same time into one run (``serving.engine_merge``).
 
-Wire: one Unix-socket connection per worker-side model instance. The worker names the model (ONNX file,
-instance count, max batch size, which instance) in a length-prefixed JSON message; the engine loads it (once
-for all workers) and answers with its inputs and outputs, or the reason it cannot; the worker then passes
-the file descriptor of a shared memory block sized for one full batch in and out. From then on each batch is
-a 4-byte row count one way and a 4-byte status the other, followed on success by where the batch's time went
-(``TIMING``: its wait for the instance, the run's time and images): images and probabilities stay in shared
-memory.
+Wire: one Unix-socket connection per worker-side model instance, each free to run on any of the engine's
+instances of the model. The worker names the model (ONNX file, instance count, max batch size) in a
+length-prefixed JSON message; the engine loads it (once for all workers) and answers with its inputs and
+outputs, or the reason it cannot; the worker then passes the file descriptor of a shared memory block sized
+for one full batch in and out. From then on each batch is a 4-byte row count one way and a 4-byte status the
+other, followed on success by where the batch's time went (``TIMING``: its wait for an instance, the run's
+time and images, and which instance ran it): images and probabilities stay in shared memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import mmap
@@ -43,7 +44,7 @@ _log = logging.getLogger(__name__)
 FRAME = struct.Struct("<I")  # a batch's row count (worker -> engine); a status (engine -> worker)
 OK = 0
 FAILED = 1  # followed by a FRAME-sized length and that many bytes of UTF-8 message
-TIMING = struct.Struct("<QQI")  # after OK: EngineRun's wait_ns, run_ns and run_rows
+TIMING = struct.Struct("<QQII")  # after OK: EngineRun's wait_ns, run_ns, run_rows and instance
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,11 @@ def tensor_of(data: dict[str, Any]) -> TensorInfo:
 
 @dataclass
 class _Loaded:
-    """A runtime the engine holds, one merger per instance, and how many connections use it."""
+    """A runtime the engine holds, the merger that runs every connection's batches on its instances, and how many
+    connections use it."""
 
     runtime: ModelRuntime
-    mergers: list[BatchMerger]
+    merger: BatchMerger
     users: int = 0
 
 
@@ -97,8 +99,8 @@ class _Engine:
                 runtime = ModelRuntime(Path(key.path), key.instance_count, key.max_batch_size, providers, key.gpu)
                 runtime.warm_up()
                 _log.info("engine loaded %s on %s", key.path, placement(runtime.providers, runtime.fp16))
-                mergers = [BatchMerger(runner, key.max_batch_size) for runner in runtime.runners]
-                loaded = self.loaded[key] = _Loaded(runtime, mergers)
+                merger = BatchMerger(runtime.runners, key.max_batch_size)
+                loaded = self.loaded[key] = _Loaded(runtime, merger)
             loaded.users += 1
             return loaded
 
@@ -134,7 +136,7 @@ class _Engine:
                     return
                 with mmap.mmap(fds[0], 0) as shared:
                     os.close(fds[0])
-                    self._run_batches(connection, runtime, loaded.mergers[hello["instance"]], shared)
+                    self._run_batches(connection, runtime, loaded.merger, shared)
             finally:
                 self.release(key)
 
@@ -155,7 +157,7 @@ class _Engine:
                     reason = f"{type(exc).__name__}: {exc}".encode()
                     connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)
                 else:
-                    connection.sendall(FRAME.pack(OK) + TIMING.pack(timing.wait_ns, timing.run_ns, timing.run_rows))
+                    connection.sendall(FRAME.pack(OK) + TIMING.pack(*dataclasses.astuple(timing)))
         finally:
             del inputs, outputs  # the views must go before the mmap closes
 

@@ -33,13 +33,14 @@ class EngineError(RuntimeError):
 
 
 class _Instance:
-    """One connection to the engine for one model instance, with its shared memory block."""
+    """One connection to the engine, with its shared memory block: one batch at a time, run on whichever of the
+    engine's instances of the model is free."""
 
-    def __init__(self, address: str, key: ModelKey, instance: int) -> None:
+    def __init__(self, address: str, key: ModelKey) -> None:
         self.connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.connection.connect(address)
-            send_json(self.connection, {"model": dataclasses.asdict(key), "instance": instance})
+            send_json(self.connection, {"model": dataclasses.asdict(key)})
             answer = receive_json(self.connection)
             if answer is None:
                 raise EngineError("the engine closed the connection while loading the model")
@@ -64,8 +65,7 @@ class _Instance:
         self.outputs = self.outputs.reshape(-1, classes)
         self.frame = bytearray(FRAME.size)
         self.timing = bytearray(TIMING.size)
-        self.index = instance
-        self.observer: Callable[[int, EngineRun], None] | None = None
+        self.observer: Callable[[EngineRun], None] | None = None
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Blocking, on the batcher's executor thread: one batch through the engine."""
@@ -85,7 +85,7 @@ class _Instance:
         self._receive(self.timing)
         if self.observer is not None:
             try:
-                self.observer(self.index, EngineRun(*TIMING.unpack(self.timing)))
+                self.observer(EngineRun(*TIMING.unpack(self.timing)))
             except Exception:  # a statistic must not fail a batch that ran
                 _log.exception("recording the engine's timing failed")
         return self.outputs[:rows].copy()
@@ -131,8 +131,8 @@ class RemoteRuntime:
         key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, gpu)
         self._instances: list[_Instance] = []
         try:
-            for index in range(instance_count):
-                self._instances.append(_Instance(address, key, index))
+            for _ in range(instance_count):
+                self._instances.append(_Instance(address, key))
         except BaseException:
             self.close()
             raise
@@ -143,9 +143,9 @@ class RemoteRuntime:
     def warm_up(self) -> None:
         """Nothing to do: the engine warmed every bucket up when it loaded the model."""
 
-    def observe_engine(self, observer: Callable[[int, EngineRun], None]) -> None:
-        """Have ``observer`` called with the instance and where each batch's time in the engine went, on the
-        batcher's executor thread that ran the batch (not the event loop's): it must be thread-safe, as
+    def observe_engine(self, observer: Callable[[EngineRun], None]) -> None:
+        """Have ``observer`` called with where each batch's time in the engine went (and on which instance), on
+        the batcher's executor thread that ran the batch (not the event loop's): it must be thread-safe, as
         Prometheus metrics are."""
         for instance in self._instances:
             instance.observer = observer

@@ -1,23 +1,24 @@
-"""Joins the batches that several workers send to the engine at the same time into one run.
+"""Joins the batches that several workers send to the engine at the same time into runs on the model's instances.
 
 Each worker batches its own requests, so with eight workers each batch holds about an eighth of the load: on
-an H100 the cat/dog model runs 5,500 images/s in batches of 8 and 8,300 in batches of 128. Here the batches
-that arrive while a run is under way wait for it to end and then go together, filling the run up to the
-model's max batch size: the engine's own dynamic batching, with no added delay (a lone batch runs at once, on
-its own thread). The batch that does not fit whole is split: its first rows fill this run and the rest lead
-the next. On CUDA a run is padded up to its bucket (``serving.runtime``), so 65 images cost what 128 do; with
-whole batches only, runs under load averaged 88 images of 128.
+an H100 the cat/dog model runs 5,500 images/s in batches of 8 and 8,300 in batches of 128. Here a batch that
+finds an instance free runs at once; the batches that arrive while every instance is busy wait for the first
+to come free and then go together, filling the run up to the model's max batch size: the engine's own dynamic
+batching, with no added delay. The batch that does not fit whole is split: its first rows fill this run and
+the rest lead the next. On CUDA a run is padded up to its bucket (``serving.runtime``), so 65 images cost what
+128 do; with whole batches only, runs under load averaged 88 images of 128.
 
-No thread of its own: the connection thread whose batch arrives first runs it; when that run ends, it hands
-the turn to the oldest waiting batch's thread, which runs everything that waited. A batch that arrives with
-nothing running pays no hand-over at all.
-"""
+One queue for all the instances, whichever connection a batch came on: no batch waits for one instance while
+another is idle. No thread of its own: the connection thread whose batch finds an instance free runs it; when
+a run ends, its thread calls the oldest waiting batch's thread to the freed instance, which runs everything
+that waited. A batch that arrives with an instance free pays no hand-over at all."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,7 @@ class EngineRun:
     wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, its last rows' run
     run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
     run_rows: int  # images in that run
+    instance: int  # the model instance that ran it
 
 
 class _Batch:
@@ -53,8 +55,9 @@ class _Batch:
         self.arrived_ns = time.perf_counter_ns()
         self.woken = threading.Event()  # set when the batch is done, or when its thread is to run the next turn
         self.taken = 0  # rows given to runs so far (under the merger's lock)
-        self.answered = 0  # rows whose run has ended (by the thread running it)
+        self.answered = 0  # rows whose run has ended, or that will not run (under the merger's lock)
         self.done = False
+        self.called = False  # woken to take a turn (under the merger's lock)
         self.error: BaseException | None = None
         self.timing: EngineRun | None = None
 
@@ -69,15 +72,19 @@ class _Part:
 
 
 class BatchMerger:
-    """One model instance's runs for every connection: concurrent batches go through ``run`` together."""
+    """A model's runs for every connection, on whichever of its instances is free: concurrent batches go through
+    ``run`` together."""
 
-    def __init__(self, runner: RowRunner, max_batch_size: int) -> None:
-        self._runner = runner
+    def __init__(self, runners: Sequence[RowRunner], max_batch_size: int) -> None:
+        if not runners:
+            raise ValueError("a merger needs at least one model instance")
+        self._runners = tuple(runners)
         self._max_batch_size = max_batch_size
         self._lock = threading.Lock()
-        self._waiting: deque[_Batch] = deque()  # the head may have had its first rows taken already
-        self._running = False  # invariant: batches wait only while a run is under way
-        self._joined: np.ndarray | None = None  # reused input buffer for joined batches, made on first use
+        self._waiting: deque[_Batch] = deque()  # batches with rows no run has taken yet, oldest first
+        self._free = list(reversed(range(len(runners))))  # idle instances; pop() gives instance 0 first
+        self._called = 0  # waiting batches' threads woken to take a turn that have not yet answered
+        self._joined: list[np.ndarray | None] = [None] * len(runners)  # each instance's buffer for joined batches
 
     def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> EngineRun:
         """Blocking: the first ``rows`` images of ``buffer`` (at most the max batch size) through the model,
@@ -89,84 +96,102 @@ class BatchMerger:
             ValueError: ``rows`` is not between 1 and the max batch size (before anything runs).
         """
         if not 0 < rows <= self._max_batch_size:
-            raise ValueError(f"a batch of {rows} images; this instance runs 1 to {self._max_batch_size}")
+            raise ValueError(f"a batch of {rows} images; this model runs 1 to {self._max_batch_size}")
         batch = _Batch(buffer, rows, outputs)
         with self._lock:
             self._waiting.append(batch)
-            my_turn = not self._running
-            self._running = True
-        while not batch.done:
-            if my_turn:
-                self._take_turn()
-            else:
-                batch.woken.wait()
-                batch.woken.clear()
-                my_turn = not batch.done
+            # An instance the called threads are not about to take: this thread runs what waits on it now.
+            turn = self._claim() if len(self._free) > self._called else None
+        while True:
+            if turn is not None:
+                self._take_turn(*turn)
+            if batch.done:
+                break
+            batch.woken.wait()
+            batch.woken.clear()
+            with self._lock:
+                turn = None
+                if batch.called:  # woken to run what waits, its own rows or others'
+                    batch.called = False
+                    self._called -= 1
+                    turn = self._claim()
         if batch.error is not None:
             raise batch.error
         assert batch.timing is not None  # set with done, before the batch's thread is woken
         return batch.timing
 
-    def _take_turn(self) -> None:
-        """Run the waiting rows, oldest first, up to the max batch size; then wake the next waiting batch's
-        thread, if any (the rest of a split batch is the next run's first part)."""
+    def _claim(self) -> tuple[int, list[_Part], int] | None:
+        """Under the lock: a free instance and the waiting rows, oldest first, up to the max batch size (the
+        rest of a batch that does not fit whole leads the next run); None if either is missing."""
+        if not (self._free and self._waiting):
+            return None
+        instance = self._free.pop()
         parts: list[_Part] = []
         rows = 0
-        with self._lock:
-            while self._waiting and rows < self._max_batch_size:
-                batch = self._waiting[0]
-                part = _Part(batch, batch.taken, min(batch.rows - batch.taken, self._max_batch_size - rows))
-                parts.append(part)
-                batch.taken += part.rows
-                rows += part.rows
-                if batch.taken == batch.rows:
-                    self._waiting.popleft()
-        self._run(parts, rows)  # never raises: a failure is each batch's error
-        with self._lock:
-            if self._waiting:
-                self._waiting[0].woken.set()
-            else:
-                self._running = False
+        while self._waiting and rows < self._max_batch_size:
+            batch = self._waiting[0]
+            part = _Part(batch, batch.taken, min(batch.rows - batch.taken, self._max_batch_size - rows))
+            parts.append(part)
+            batch.taken += part.rows
+            rows += part.rows
+            if batch.taken == batch.rows:
+                self._waiting.popleft()
+        return instance, parts, rows
 
-    def _run(self, parts: list[_Part], rows: int) -> None:
+    def _take_turn(self, instance: int, parts: list[_Part], rows: int) -> None:
+        """Run ``parts`` on ``instance``, then free it and call waiting batches' threads to the free instances."""
+        self._run(instance, parts, rows)  # never raises: a failure is each batch's error
+        with self._lock:
+            self._free.append(instance)
+            for batch in self._waiting:
+                if len(self._free) <= self._called:
+                    break
+                if not batch.called:
+                    batch.called = True
+                    self._called += 1
+                    batch.woken.set()
+
+    def _run(self, instance: int, parts: list[_Part], rows: int) -> None:
         started = time.perf_counter_ns()
         error: BaseException | None = None
+        runner = self._runners[instance]
         try:
             first = parts[0]
             if len(parts) == 1 and first.start == 0:  # one whole batch: read in place
-                first.batch.outputs[:rows] = self._runner.run_rows(first.batch.buffer, rows)
+                first.batch.outputs[:rows] = runner.run_rows(first.batch.buffer, rows)
             else:
-                probabilities = self._runner.run_rows(self._join(parts, rows), rows)
+                probabilities = runner.run_rows(self._join(instance, parts, rows), rows)
                 offset = 0
                 for part in parts:
                     part.batch.outputs[part.start : part.start + part.rows] = probabilities[offset : offset + part.rows]
                     offset += part.rows
         except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
             error = exc
-            self._drop_rest(parts[-1].batch)
         ended = time.perf_counter_ns()
-        for part in parts:
-            batch = part.batch
-            batch.answered = batch.rows if error is not None else batch.answered + part.rows
-            batch.error = batch.error or error
-            if batch.answered == batch.rows:
-                batch.timing = EngineRun(started - batch.arrived_ns, ended - started, rows)
-                batch.done = True
-                batch.woken.set()
+        with self._lock:  # a split batch's two runs may end at once, on two instances
+            last = parts[-1].batch
+            if error is not None and last.taken < last.rows:
+                # Split by this run and its rest not yet taken: those rows would only be thrown away.
+                self._waiting.remove(last)
+                last.answered += last.rows - last.taken
+                last.taken = last.rows
+            for part in parts:
+                batch = part.batch
+                batch.answered += part.rows
+                batch.error = batch.error or error
+                # Done only when every run that took its rows has ended: until then one may still read its
+                # buffer or write its outputs, which the worker reuses for its next batch.
+                if batch.answered == batch.rows:
+                    batch.timing = EngineRun(started - batch.arrived_ns, ended - started, rows, instance)
+                    batch.done = True
+                    batch.woken.set()
 
-    def _drop_rest(self, batch: _Batch) -> None:
-        """A failed batch's rows that no run has taken yet would only be thrown away: they do not run."""
-        with self._lock:
-            if batch.taken < batch.rows:  # split by this run: it is still the oldest waiting
-                self._waiting.popleft()
-                batch.taken = batch.rows
-
-    def _join(self, parts: list[_Part], rows: int) -> np.ndarray:
-        """The parts' images, one after another, in a buffer that holds the padded size: one copy each."""
-        first = parts[0].batch.buffer
-        if self._joined is None:
-            self._joined = np.empty((self._max_batch_size, *first.shape[1:]), first.dtype)
-        np.concatenate(
-            [part.batch.buffer[part.start : part.start + part.rows] for part in parts], out=self._joined[:rows]
-        )
-        return self._joined
+    def _join(self, instance: int, parts: list[_Part], rows: int) -> np.ndarray:
+        """The parts' images, one after another, in the instance's buffer that holds the padded size: one copy
+        each."""
+        joined = self._joined[instance]
+        if joined is None:
+            first = parts[0].batch.buffer
+            joined = self._joined[instance] = np.empty((self._max_batch_size, *first.shape[1:]), first.dtype)
+        np.concatenate([part.batch.buffer[part.start : part.start + part.rows] for part in parts], out=joined[:rows])
+        return joined

@@ -45,10 +45,9 @@ class Metrics:
         )
         self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
         # With --workers N an execution goes through the engine process, which joins the batches workers send at
-        # once: per batch sent, its wait there for the model instance and the joined run that answered it, by
-        # model instance (each worker reaches instance i over its connection i, so the counts show how evenly
-        # the workers spread their batches over the instances). Not "instance": Prometheus gives every scraped
-        # series that label itself, for the address it scraped.
+        # once: per batch sent, its wait there for a model instance and the joined run that answered it, by the
+        # model instance that ran it (the counts show how the runs spread over the instances). Not "instance":
+        # Prometheus gives every scraped series that label itself, for the address it scraped.
         self.engine_wait = histogram(
             "classify_engine_wait_duration_seconds", "Time a batch waited in the engine for its model instance",
             _LATENCY_BUCKETS, "model_instance",
@@ -129,10 +128,10 @@ class ModelMetrics:
             for labels in ((self.model, self.version, str(instance)) for instance in range(instances))
         ]
 
-    def engine_done(self, instance: int, run: EngineRun) -> None:
-        """One batch back from the engine's ``instance`` (``serving.engine_client.RemoteRuntime.observe_engine``),
-        on the executor thread that sent it; ``track_engine`` made its series."""
-        wait, run_time, run_size = self._engine_children[instance]
+    def engine_done(self, run: EngineRun) -> None:
+        """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``), on the
+        executor thread that sent it; ``track_engine`` made the series of the instance that ran it."""
+        wait, run_time, run_size = self._engine_children[run.instance]
         wait.observe(run.wait_ns / 1e9)
         run_time.observe(run.run_ns / 1e9)
         run_size.observe(run.run_rows)

@@ -106,7 +106,7 @@ def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
     buffers: list[np.ndarray] = []
     images = _images(8, 7)
     outputs = np.zeros((3, 4), np.float32)
-    BatchMerger(Model(), 8).run(images, 3, outputs)
+    BatchMerger([Model()], 8).run(images, 3, outputs)
     np.testing.assert_array_equal(outputs, images[:3].reshape(3, -1))
     assert callers == [threading.current_thread().name]
     assert buffers[0] is images, "read in place from the caller's buffer, not copied"
@@ -114,7 +114,7 @@ def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
 
 def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows() -> None:
     model = GatedModel()
-    results = _queue_behind_a_running_batch(BatchMerger(model, 16), model, [2, 3, 4])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 16), model, [2, 3, 4])
     assert model.runs == [2, 7], "the two waiting batches ran as one batch of 3 + 4"
     for first, rows in ((100, 2), (110, 3), (120, 4)):
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
@@ -123,7 +123,7 @@ def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows()
 def test_a_batch_that_does_not_fit_whole_is_split_to_fill_the_run() -> None:
     """Runs are padded to their bucket on CUDA, so every run is filled: 5 + 3 of the 4, then its last 1 + 3."""
     model = GatedModel()
-    results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3])
     assert model.runs == [2, 8, 4]
     for first, rows in ((100, 2), (110, 5), (120, 4), (130, 3)):
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
@@ -140,7 +140,7 @@ def test_a_split_batch_fails_if_either_of_its_runs_fails(
     """Queued 5, 4, 3 behind a run of 2 with max 8: the 4 goes 3 + 1. If its first run fails, its last row
     is not run at all (the answer is already an error); if its second fails, its first part's answers go."""
     model = GatedModel(fail_when_rows=failing_run)
-    results = _queue_behind_a_running_batch(BatchMerger(model, 8), model, [2, 5, 4, 3])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3])
     assert model.runs == runs
     for first in (100, 110, 120, 130):
         if first in failed:
@@ -151,13 +151,13 @@ def test_a_split_batch_fails_if_either_of_its_runs_fails(
 
 @pytest.mark.parametrize("rows", [0, 9])
 def test_a_batch_outside_one_to_the_max_is_refused_before_it_joins_a_run(rows: int) -> None:
-    with pytest.raises(ValueError, match=f"a batch of {rows} images; this instance runs 1 to 8"):
-        BatchMerger(Flatten(), 8).run(_images(9, 1), rows, np.zeros((9, 4), np.float32))
+    with pytest.raises(ValueError, match=f"a batch of {rows} images; this model runs 1 to 8"):
+        BatchMerger([Flatten()], 8).run(_images(9, 1), rows, np.zeros((9, 4), np.float32))
 
 
 def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None:
     model = GatedModel(fail_when_rows=7)
-    merger = BatchMerger(model, 16)
+    merger = BatchMerger([model], 16)
     results = _queue_behind_a_running_batch(merger, model, [2, 3, 4])
     assert isinstance(results[100], np.ndarray)
     for first in (110, 120):
@@ -172,7 +172,7 @@ def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None
 def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() -> None:
     """The first batch runs at once; the two queued behind it wait until it ends, then share one run of 7."""
     model = GatedModel()
-    merger = BatchMerger(model, 16)
+    merger = BatchMerger([model], 16)
     timings: dict[int, EngineRun] = {}
     send = partial(_submit_timed, merger, timings=timings)
 
@@ -200,7 +200,7 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1;
     that last run answers it, so its wait covers the run of 8 and its run is the run of 1."""
     model = GatedModel()
-    merger = BatchMerger(model, 8)
+    merger = BatchMerger([model], 8)
     timings: dict[int, EngineRun] = {}
     send = partial(_submit_timed, merger, timings=timings)
 
@@ -223,8 +223,9 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
 class CheckedModel:
     """Outputs its input; fails some runs at random; records every row it ran and any overlapping runs."""
 
-    def __init__(self, max_rows: int, fail_share: float, seed: int) -> None:
+    def __init__(self, max_rows: int, fail_share: float, seed: int, pause: float = 0.0) -> None:
         self.max_rows = max_rows
+        self.pause = pause  # seconds each run takes, so that runs on several instances overlap
         self.fail_share = fail_share
         self.rng = np.random.default_rng(seed)
         self.running = threading.Lock()
@@ -241,6 +242,7 @@ class CheckedModel:
                 self.problems.append(f"a run of {count} rows from a buffer of {len(buffer)}")
             rows = buffer[:count]
             self.ran += [(int(row[0]), int(row[1]), int(row[2])) for row in rows]
+            time.sleep(self.pause)
             if self.rng.random() < self.fail_share:
                 self.failed.update((int(row[0]), int(row[1])) for row in rows)
                 raise ValueError("failed run")
@@ -251,23 +253,29 @@ class CheckedModel:
 
 @pytest.mark.parametrize("fail_share", [0.0, 0.2])
 @pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+@pytest.mark.parametrize("instances", [1, 2, 3])
 def test_many_threads_with_failures_each_get_their_own_rows_or_their_runs_error(
-    max_batch_size: int, fail_share: float
+    instances: int, max_batch_size: int, fail_share: float
 ) -> None:
-    """Sizes up to the max, buffers padded as the engine's shared memory is, runs that fail at random: every
-    batch gets exactly its own rows, or the error of a run that held one of them; no row runs twice."""
-    model = CheckedModel(max_batch_size, fail_share, seed=max_batch_size)
-    merger = BatchMerger(model, max_batch_size)
+    """Sizes up to the max, one buffer per thread reused batch after batch as the engine's shared memory is,
+    runs that fail at random, several instances: every batch gets exactly its own rows, or the error of a run
+    that held one of them; no row runs twice, and no run reads or writes a batch after it was answered."""
+    pause = 0.0002 if instances > 1 else 0.0
+    models = [CheckedModel(max_batch_size, fail_share, seed=100 * instances + 10 * max_batch_size + index, pause=pause)
+              for index in range(instances)]  # fmt: skip
+    merger = BatchMerger(models, max_batch_size)
     outcomes: dict[tuple[int, int], tuple[bool, int]] = {}
     problems: list[str] = []
 
     def send(thread: int) -> None:
         rng = np.random.default_rng(thread)
+        buffer = np.zeros((max_batch_size, 3), np.uint16)
+        outputs = np.zeros((max_batch_size, 3), np.float32)
         for number in range(200):
             rows = int(rng.integers(1, max_batch_size + 1))
-            buffer = np.zeros((max_batch_size, 3), np.uint16)
+            buffer[:] = 0
             buffer[:rows] = [(thread, number, row) for row in range(rows)]
-            outputs = np.full((max_batch_size, 3), -1.0, np.float32)
+            outputs[:] = -1
             try:
                 merger.run(buffer, rows, outputs[:rows])
             except ValueError:
@@ -277,16 +285,63 @@ def test_many_threads_with_failures_each_get_their_own_rows_or_their_runs_error(
             if not np.array_equal(outputs[:rows], buffer[:rows]) or np.any(outputs[rows:] != -1):
                 problems.append(f"batch {thread}/{number} got other rows")
 
-    senders = [threading.Thread(target=send, args=(index,)) for index in range(12)]
+    senders = [threading.Thread(target=send, args=(index,)) for index in range(1, 13)]  # thread 0: zeroed rows
     for sender in senders:
         sender.start()
     for sender in senders:
         sender.join(60)
     assert not any(sender.is_alive() for sender in senders), "a batch was never answered"
-    assert problems + model.problems == []
-    assert len(model.ran) == len(set(model.ran)), "no row ran twice"
-    ran = set(model.ran)
+    assert problems + [problem for model in models for problem in model.problems] == []
+    ran_rows = [row for model in models for row in model.ran]
+    assert len(ran_rows) == len(set(ran_rows)), "no row ran twice"
+    assert (0, 0, 0) not in ran_rows, "no run read a buffer its batch had left (rows zeroed for the next)"
+    ran = set(ran_rows)
+    failed = set().union(*(model.failed for model in models))
     for (thread, number), (answered, rows) in outcomes.items():
-        assert answered == ((thread, number) not in model.failed)
+        assert answered == ((thread, number) not in failed)
         if answered:
             assert all((thread, number, row) in ran for row in range(rows))
+    if instances > 1:
+        assert all(model.ran for model in models), "every instance ran batches"
+
+
+def test_a_batch_runs_at_once_on_a_free_instance_while_another_is_busy() -> None:
+    """One queue for every instance: a batch never waits for a busy instance while another is idle."""
+    busy, free = GatedModel(), GatedModel()
+    free.release.set()
+    merger = BatchMerger([busy, free], 16)
+    results: dict[int, object] = {}
+    blocked = _submit(merger, _images(3, 100), results)
+    assert busy.started.wait(10)
+    quick = _submit(merger, _images(2, 110), results)
+    quick.join(10)
+    assert not quick.is_alive(), "the second batch waited for the busy instance"
+    assert free.runs == [2]
+    assert busy.runs == []
+    busy.release.set()
+    blocked.join(10)
+    assert busy.runs == [3]
+    assert sorted(results) == [100, 110]
+
+
+def test_batches_that_wait_while_every_instance_runs_go_together_to_the_first_one_free() -> None:
+    first, second = GatedModel(), GatedModel()
+    merger = BatchMerger([first, second], 16)
+    results: dict[int, object] = {}
+    threads = [_submit(merger, _images(3, 100), results)]
+    assert first.started.wait(10)
+    threads.append(_submit(merger, _images(2, 110), results))
+    assert second.started.wait(10)
+    for index, rows in enumerate([4, 5], start=2):
+        threads.append(_submit(merger, _images(rows, 100 + 10 * index), results))
+        _wait_for(partial(_waiting_is, merger, index - 1))
+    second.release.set()  # the second instance frees first: the two waiting batches run there, together
+    _wait_for(lambda: second.runs == [2, 9])
+    assert first.runs == []
+    first.release.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert first.runs == [3]
+    for value, rows in ((100, 3), (110, 2), (120, 4), (130, 5)):
+        np.testing.assert_array_equal(results[value], _images(rows, value).reshape(rows, -1).astype(np.float32) * 2)
