@@ -9,10 +9,11 @@ The baseline is the same server with batching off (max batch 1, no delay) and on
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
 the model instance, and the time and images of the joined run that answered it (a batch split over two
-runs: the second), and ``inst0`` the part of those batches run by the model's instance 0 (0.5 is even over
-two); ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread
-(behind other images, its own request's included), the decode's wall time and its thread's CPU time in it
-(wall well above CPU: the thread waited for its worker's GIL or a core).
+runs: the second), and ``inst0`` the part of those batches run by the model's instance 0 (the engine's one
+queue takes an idle instance 0 first, so a high share below full load means batches did not wait);
+``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread (behind other
+images, its own request's included), the decode's wall time and its thread's CPU time in it (wall well above
+CPU: the thread waited for its worker's GIL or a core).
 
     python -m benchmarks.catdog_grpc --photos data/catdog/cats_and_dogs_filtered_s224_q80.zip --workers 8 \\
         --ceiling-json ceiling.json --log-dir /tmp/catdog

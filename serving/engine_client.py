@@ -32,7 +32,7 @@ class EngineError(RuntimeError):
     """The engine could not load the model or run a batch; the message says why."""
 
 
-class _Instance:
+class _Connection:
     """One connection to the engine, with its shared memory block: one batch at a time, run on whichever of the
     engine's instances of the model is free."""
 
@@ -129,16 +129,17 @@ class RemoteRuntime:
         self.max_batch_size = max_batch_size
         modified = path.stat().st_mtime_ns
         key = ModelKey(str(path.resolve()), instance_count, max_batch_size, cpu_only, modified, gpu)
-        self._instances: list[_Instance] = []
+        # One connection per instance the batcher runs: as many batches in flight as the engine has instances.
+        self._connections: list[_Connection] = []
         try:
             for _ in range(instance_count):
-                self._instances.append(_Instance(address, key))
+                self._connections.append(_Connection(address, key))
         except BaseException:
             self.close()
             raise
-        first = self._instances[0]
+        first = self._connections[0]
         self.providers, self.fp16, self.input, self.output = first.providers, first.fp16, first.input, first.output
-        self.runners = [instance.run for instance in self._instances]
+        self.runners = [connection.run for connection in self._connections]
 
     def warm_up(self) -> None:
         """Nothing to do: the engine warmed every bucket up when it loaded the model."""
@@ -147,9 +148,9 @@ class RemoteRuntime:
         """Have ``observer`` called with where each batch's time in the engine went (and on which instance), on
         the batcher's executor thread that ran the batch (not the event loop's): it must be thread-safe, as
         Prometheus metrics are."""
-        for instance in self._instances:
-            instance.observer = observer
+        for connection in self._connections:
+            connection.observer = observer
 
     def close(self) -> None:
-        for instance in self._instances:
-            instance.close()
+        for connection in self._connections:
+            connection.close()

@@ -39,7 +39,7 @@ class EngineRun:
     """Where one batch's time in the engine went: the wait for its instance, then the run that answered it. A worker
     sees only the sum (its execution time); this tells a busy instance from a slow run."""
 
-    wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, its last rows' run
+    wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, the later to end
     run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
     run_rows: int  # images in that run
     instance: int  # the model instance that ran it
@@ -57,7 +57,8 @@ class _Batch:
         self.taken = 0  # rows given to runs so far (under the merger's lock)
         self.answered = 0  # rows whose run has ended, or that will not run (under the merger's lock)
         self.done = False
-        self.called = False  # woken to take a turn (under the merger's lock)
+        self.called = False  # its thread is called to take a turn (under the merger's lock)
+        self.turning = False  # its thread is running a turn, its own rows or others' (under the merger's lock)
         self.error: BaseException | None = None
         self.timing: EngineRun | None = None
 
@@ -83,7 +84,7 @@ class BatchMerger:
         self._lock = threading.Lock()
         self._waiting: deque[_Batch] = deque()  # batches with rows no run has taken yet, oldest first
         self._free = list(reversed(range(len(runners))))  # idle instances; pop() gives instance 0 first
-        self._called = 0  # waiting batches' threads woken to take a turn that have not yet answered
+        self._called = 0  # threads called to take a turn that have not yet answered the call
         self._joined: list[np.ndarray | None] = [None] * len(runners)  # each instance's buffer for joined batches
 
     def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> EngineRun:
@@ -101,30 +102,41 @@ class BatchMerger:
         with self._lock:
             self._waiting.append(batch)
             # An instance the called threads are not about to take: this thread runs what waits on it now.
-            turn = self._claim() if len(self._free) > self._called else None
+            turn = self._claim(batch) if len(self._free) > self._called else None
         while True:
             if turn is not None:
-                self._take_turn(*turn)
-            if batch.done:
+                self._take_turn(batch, *turn)
+            with self._lock:
+                # A call answered even when the batch is done: the count of calls must come back to 0.
+                turn = self._answer_call(batch)
+                done = batch.done
+            if turn is not None:
+                continue
+            if done:
                 break
             batch.woken.wait()
             batch.woken.clear()
-            with self._lock:
-                turn = None
-                if batch.called:  # woken to run what waits, its own rows or others'
-                    batch.called = False
-                    self._called -= 1
-                    turn = self._claim()
         if batch.error is not None:
             raise batch.error
         assert batch.timing is not None  # set with done, before the batch's thread is woken
         return batch.timing
 
-    def _claim(self) -> tuple[int, list[_Part], int] | None:
-        """Under the lock: a free instance and the waiting rows, oldest first, up to the max batch size (the
-        rest of a batch that does not fit whole leads the next run); None if either is missing."""
+    def _answer_call(self, batch: _Batch) -> tuple[int, list[_Part], int] | None:
+        """Under the lock: if ``batch``'s thread was called, the turn it was called for (None if another thread
+        has run the waiting rows meanwhile)."""
+        if not batch.called:
+            return None
+        batch.called = False
+        self._called -= 1
+        return self._claim(batch)
+
+    def _claim(self, batch: _Batch) -> tuple[int, list[_Part], int] | None:
+        """Under the lock, for ``batch``'s thread: a free instance and the waiting rows, oldest first, up to the
+        max batch size (the rest of a batch that does not fit whole leads the next run); None if either is
+        missing."""
         if not (self._free and self._waiting):
             return None
+        batch.turning = True
         instance = self._free.pop()
         parts: list[_Part] = []
         rows = 0
@@ -138,20 +150,24 @@ class BatchMerger:
                 self._waiting.popleft()
         return instance, parts, rows
 
-    def _take_turn(self, instance: int, parts: list[_Part], rows: int) -> None:
-        """Run ``parts`` on ``instance``, then free it and call waiting batches' threads to the free instances."""
+    def _take_turn(self, batch: _Batch, instance: int, parts: list[_Part], rows: int) -> None:
+        """On ``batch``'s thread: run ``parts`` on ``instance``, then free it and call waiting batches' threads to
+        the free instances, oldest first; a thread busy with a turn of its own calls when that turn ends."""
         self._run(instance, parts, rows)  # never raises: a failure is each batch's error
         with self._lock:
+            batch.turning = False
             self._free.append(instance)
-            for batch in self._waiting:
+            for waiting in self._waiting:
                 if len(self._free) <= self._called:
                     break
-                if not batch.called:
-                    batch.called = True
+                if not (waiting.called or waiting.turning):
+                    waiting.called = True
                     self._called += 1
-                    batch.woken.set()
+                    waiting.woken.set()
 
     def _run(self, instance: int, parts: list[_Part], rows: int) -> None:
+        """The parts through ``instance`` (a lone whole batch read in place), each batch answered once every run
+        that took its rows has ended."""
         started = time.perf_counter_ns()
         error: BaseException | None = None
         runner = self._runners[instance]
