@@ -7,9 +7,10 @@ batches them. Two ceilings bound the server:
   server's log), from ``benchmarks.ceiling --json``.
 The baseline is the same server with batching off (max batch 1, no delay) and one worker. ``in srv``: the
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
-``eng run`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its wait there for
-the model instance, and the time and images of the joined run that answered it (a batch split over two
-runs: the second), and ``inst0`` the part of those batches run by the model's instance 0 (the engine's one
+``eng run``, ``eng infer`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its
+wait there for the model instance, the time of the joined run that answered it (a batch split over two runs:
+the second), the model's own part of that run (the rest is the engine joining inputs and splitting outputs)
+and its images, and ``inst0`` the part of those batches run by the model's instance 0 (the engine's one
 queue takes an idle instance 0 first, so a high share below full load means batches did not wait);
 ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread (behind other
 images, its own request's included), the decode's wall time and its thread's CPU time in it (wall well above
@@ -165,15 +166,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.log_dir / "catdog_grpc.json").write_text(json.dumps({"ceilings": summary, "rows": rows}, indent=1))
     table = format_table(
         ["server", "precision", "batch", "conc", "mode", "images/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "eng wait", "eng run", "run imgs", "inst0", "dec wait",
-         "dec ms", "dec cpu", "/decode", "/model"],
+         "srv cores", "box cpu%", "gpu%", "idle wkrs", "in srv", "eng wait", "eng run", "eng infer", "run imgs",
+         "inst0", "dec wait", "dec ms", "dec cpu", "/decode", "/model"],
         [
             [row["server"], row["precision"], row["batch"], row["concurrency"], row["mode"], row["images_per_s"],
              row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["errors"], row["usage"]["server_cores"], row["usage"]["box_percent"],  # type: ignore[index]
              row["usage"]["gpu_percent"], idle_workers(row["usage"]["workers"]),  # type: ignore[index]
              inside_server(row["usage"]["workers"], row["mean_ms"]),  # type: ignore[index,arg-type]
-             *(engine_split(row["usage"]["workers"]) or (None,) * 3),  # type: ignore[index]
+             *(engine_split(row["usage"]["workers"]) or (None,) * 4),  # type: ignore[index]
              first_instance_share(row["usage"]["workers"]),  # type: ignore[index]
              *(decode_split(row["usage"]["workers"]) or (None,) * 3),  # type: ignore[index]
              float(row["images_per_s"]) / decode_all,  # type: ignore[arg-type]

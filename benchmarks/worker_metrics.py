@@ -41,6 +41,8 @@ _SAMPLES: dict[str, tuple[str, tuple[str, str | None] | None]] = {
     "images": ("classify_batch_size_sum", None),
     "engine_wait_s": ("classify_engine_wait_duration_seconds_sum", None),
     "engine_run_s": ("classify_engine_run_duration_seconds_sum", None),
+    "engine_infer_s": ("classify_engine_infer_duration_seconds_sum", None),
+    "engine_infer_n": ("classify_engine_infer_duration_seconds_count", None),
     "engine_n": ("classify_engine_run_duration_seconds_count", None),
     "engine_n_labelled": ("classify_engine_run_duration_seconds_count", ("model_instance", None)),
     "engine_n_first": ("classify_engine_run_duration_seconds_count", ("model_instance", "0")),
@@ -63,12 +65,13 @@ class WorkerShare:
     compute_ms: float | None  # mean time of one model execution (through the engine with --workers N)
     batch: float | None  # mean images per execution
     # With --workers N, per batch sent to the engine: its wait there for the instance, and the joined run
-    # that answered it (time and images); None without the engine
+    # that answered it (time, the model's part of it, and images); None without the engine
     engine_batches: int = 0
     engine_labelled_batches: int = 0  # of those, the batches counted by model instance (servers from 9f1b081 on)
     engine_first_instance_batches: int = 0  # and of those, the batches the model's instance 0 ran
     engine_wait_ms: float | None = None
     engine_run_ms: float | None = None
+    engine_infer_ms: float | None = None  # None also from a server whose engine does not report it
     engine_run_images: float | None = None
     # Per encoded image: its wait for a decode thread, the decode's wall time and its thread's CPU time in it
     decoded: int = 0
@@ -133,6 +136,7 @@ def share(port: int, before: dict[str, float], after: dict[str, float]) -> Worke
         engine_first_instance_batches=round(run["engine_n_first"]),
         engine_wait_ms=mean("engine_wait_s", "engine_n", 1e3),
         engine_run_ms=mean("engine_run_s", "engine_n", 1e3),
+        engine_infer_ms=mean("engine_infer_s", "engine_infer_n", 1e3),
         engine_run_images=mean("engine_images", "engine_n", 1.0),
         decoded=round(run["decode_n"]),
         decode_wait_ms=mean("decode_wait_s", "decode_n", 1e3),
@@ -154,10 +158,12 @@ def inside_server(shares: Sequence[Mapping[str, Any]], client_mean_ms: float | N
     return inside / client_mean_ms if inside is not None and client_mean_ms else None
 
 
-def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
+def engine_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, ...] | None:
     """Over every batch the workers sent to the engine: the mean wait there for the instance (ms), the mean run
-    that answered it (ms) and that run's mean images. None without the engine."""
-    return _weighted_means(shares, ("engine_wait_ms", "engine_run_ms", "engine_run_images"), "engine_batches")
+    that answered it (ms), the model's own part of that run (ms) and the run's mean images. None without the
+    engine, or from one that does not report the model's part."""
+    keys = ("engine_wait_ms", "engine_run_ms", "engine_infer_ms", "engine_run_images")
+    return _weighted_means(shares, keys, "engine_batches")
 
 
 def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
@@ -169,22 +175,30 @@ def first_instance_share(shares: Sequence[Mapping[str, Any]]) -> float | None:
     return first / batches if batches else None
 
 
-def decode_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, float, float] | None:
+def decode_split(shares: Sequence[Mapping[str, Any]]) -> tuple[float, ...] | None:
     """Over every encoded image the workers decoded: the mean wait for a decode thread (ms), the mean decode's
     wall time (ms) and its thread's CPU time in it (ms). None where nothing was decoded."""
     return _weighted_means(shares, ("decode_wait_ms", "decode_ms", "decode_cpu_ms"), "decoded")
 
 
 def _weighted_means(
-    shares: Sequence[Mapping[str, Any]], keys: tuple[str, str, str], weight: str
-) -> tuple[float, float, float] | None:
-    """``_weighted_mean`` of each of ``keys``; None if any is None (no worker has a ``weight`` count)."""
-    first, second, third = (_weighted_mean(shares, key, weight) for key in keys)
-    return None if first is None or second is None or third is None else (first, second, third)
+    shares: Sequence[Mapping[str, Any]], keys: tuple[str, ...], weight: str
+) -> tuple[float, ...] | None:
+    """``_weighted_mean`` of each of ``keys``; None if any is None."""
+    means: list[float] = []
+    for key in keys:
+        mean = _weighted_mean(shares, key, weight)
+        if mean is None:
+            return None
+        means.append(mean)
+    return tuple(means)
 
 
 def _weighted_mean(shares: Sequence[Mapping[str, Any]], key: str, weight: str) -> float | None:
-    """The workers' ``key`` means joined into one, each weighted by its ``weight`` count; None if all are 0."""
+    """The workers' ``key`` means joined into one, each weighted by its ``weight`` count; None if all counts are 0
+    or a counted worker has no ``key`` (a server that does not report it)."""
     counted = [worker for worker in shares if worker.get(weight)]
+    if any(worker.get(key) is None for worker in counted):
+        return None
     total = sum(worker[weight] for worker in counted)
     return float(sum(worker[key] * worker[weight] for worker in counted) / total) if total else None

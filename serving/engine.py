@@ -12,7 +12,8 @@ length-prefixed JSON message; the engine loads it (once for all workers) and ans
 outputs, or the reason it cannot; the worker then passes the file descriptor of a shared memory block sized
 for one full batch in and out. From then on each batch is a 4-byte row count one way and a 4-byte status the
 other, followed on success by where the batch's time went (``TIMING``: its wait for an instance, the run's
-time and images, and which instance ran it): images and probabilities stay in shared memory.
+time, the model's part of it and the run's images, and which instance ran it): images and probabilities stay
+in shared memory.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ _log = logging.getLogger(__name__)
 FRAME = struct.Struct("<I")  # a batch's row count (worker -> engine); a status (engine -> worker)
 OK = 0
 FAILED = 1  # followed by a FRAME-sized length and that many bytes of UTF-8 message
-TIMING = struct.Struct("<QQII")  # after OK: EngineRun's wait_ns, run_ns, run_rows and instance
+TIMING = struct.Struct("<QQQII")  # after OK: EngineRun's wait_ns, run_ns, infer_ns, run_rows and instance
 
 
 @dataclass(frozen=True)

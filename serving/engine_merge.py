@@ -37,10 +37,12 @@ class RowRunner(Protocol):
 @dataclass(frozen=True)
 class EngineRun:
     """Where one batch's time in the engine went: the wait for its instance, then the run that answered it. A worker
-    sees only the sum (its execution time); this tells a busy instance from a slow run."""
+    sees only the sum (its execution time); this tells a busy instance from a slow run, and the model's own time
+    from the engine's copying around it."""
 
     wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, the later to end
     run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
+    infer_ns: int  # of that run, the model's own: the session with its copies to and from the device
     run_rows: int  # images in that run
     instance: int  # the model instance that ran it
 
@@ -169,18 +171,20 @@ class BatchMerger:
         """The parts through ``instance`` (a lone whole batch read in place), each batch answered once every run
         that took its rows has ended."""
         started = time.perf_counter_ns()
+        infer_ns = 0
         error: BaseException | None = None
         runner = self._runners[instance]
         try:
             first = parts[0]
-            if len(parts) == 1 and first.start == 0:  # one whole batch: read in place
-                first.batch.outputs[:rows] = runner.run_rows(first.batch.buffer, rows)
-            else:
-                probabilities = runner.run_rows(self._join(instance, parts, rows), rows)
-                offset = 0
-                for part in parts:
-                    part.batch.outputs[part.start : part.start + part.rows] = probabilities[offset : offset + part.rows]
-                    offset += part.rows
+            lone = len(parts) == 1 and first.start == 0  # one whole batch: read in place
+            inputs = first.batch.buffer if lone else self._join(instance, parts, rows)
+            infer_started = time.perf_counter_ns()
+            probabilities = runner.run_rows(inputs, rows)
+            infer_ns = time.perf_counter_ns() - infer_started
+            offset = 0
+            for part in parts:
+                part.batch.outputs[part.start : part.start + part.rows] = probabilities[offset : offset + part.rows]
+                offset += part.rows
         except BaseException as exc:  # every batch of the run fails with it, and none is left waiting
             error = exc
         ended = time.perf_counter_ns()
@@ -198,7 +202,7 @@ class BatchMerger:
                 # Done only when every run that took its rows has ended: until then one may still read its
                 # buffer or write its outputs, which the worker reuses for its next batch.
                 if batch.answered == batch.rows:
-                    batch.timing = EngineRun(started - batch.arrived_ns, ended - started, rows, instance)
+                    batch.timing = EngineRun(started - batch.arrived_ns, ended - started, infer_ns, rows, instance)
                     batch.done = True
                     batch.woken.set()
 

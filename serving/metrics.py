@@ -45,7 +45,8 @@ class Metrics:
         )
         self.batch_size = histogram("classify_batch_size", "Images per model execution", _BATCH_BUCKETS)
         # With --workers N an execution goes through the engine process, which joins the batches workers send at
-        # once: per batch sent, its wait there for a model instance and the joined run that answered it, by the
+        # once: per batch sent, its wait there for a model instance, the joined run that answered it and the
+        # model's own part of that run (the rest is the engine joining inputs and splitting outputs), by the
         # model instance that ran it (the counts show how the runs spread over the instances). Not "instance":
         # Prometheus gives every scraped series that label itself, for the address it scraped.
         self.engine_wait = histogram(
@@ -55,6 +56,11 @@ class Metrics:
         self.engine_run = histogram(
             "classify_engine_run_duration_seconds",
             "Time of the engine run that answered a batch (for a split batch, its last rows' run)",
+            _LATENCY_BUCKETS, "model_instance",
+        )  # fmt: skip
+        self.engine_infer = histogram(
+            "classify_engine_infer_duration_seconds",
+            "Time of the model itself (session and device copies) within the engine run that answered a batch",
             _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_run_size = histogram(
@@ -107,7 +113,7 @@ class ModelMetrics:
         self._compute = m.compute_time.labels(*labels)
         self._batch = m.batch_size.labels(*labels)
         self._queue = m.queue_time.labels(*labels)
-        self._engine_children: list[tuple[Histogram, Histogram, Histogram]] = []
+        self._engine_children: list[tuple[Histogram, Histogram, Histogram, Histogram]] = []
         self._decode_wait = m.decode_wait.labels(*labels)
         self._decode_time = m.decode_time.labels(*labels)
         self._decode_cpu = m.decode_cpu.labels(*labels)
@@ -124,16 +130,22 @@ class ModelMetrics:
         back), for a model whose sessions live in the engine process: only ``--workers N`` servers have them."""
         m = self.metrics
         self._engine_children = [
-            (m.engine_wait.labels(*labels), m.engine_run.labels(*labels), m.engine_run_size.labels(*labels))
+            (
+                m.engine_wait.labels(*labels),
+                m.engine_run.labels(*labels),
+                m.engine_infer.labels(*labels),
+                m.engine_run_size.labels(*labels),
+            )
             for labels in ((self.model, self.version, str(instance)) for instance in range(instances))
         ]
 
     def engine_done(self, run: EngineRun) -> None:
         """One batch back from the engine (``serving.engine_client.RemoteRuntime.observe_engine``), on the
         executor thread that sent it; ``track_engine`` made the series of the instance that ran it."""
-        wait, run_time, run_size = self._engine_children[run.instance]
+        wait, run_time, infer_time, run_size = self._engine_children[run.instance]
         wait.observe(run.wait_ns / 1e9)
         run_time.observe(run.run_ns / 1e9)
+        infer_time.observe(run.infer_ns / 1e9)
         run_size.observe(run.run_rows)
 
     def image_decoded(self, wait_ns: int, wall_ns: int, cpu_ns: int) -> None:

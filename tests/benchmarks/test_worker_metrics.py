@@ -34,16 +34,22 @@ def test_idle_workers_are_those_that_answered_nothing() -> None:
 
 def test_the_engine_split_is_weighted_by_each_workers_batches() -> None:
     """300 batches at 4 ms and 100 at 2 ms wait 3.5 ms on average, not the 3 ms of the workers' plain mean."""
-    first = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
-    second = {"engine_batches": 100, "engine_wait_ms": 2.0, "engine_run_ms": 6.0, "engine_run_images": 20.0}
-    assert engine_split([first, second, _IDLE]) == pytest.approx((3.5, 9.0, 50.0))
+    first = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_infer_ms": 8.0,
+             "engine_run_images": 60.0}  # fmt: skip
+    second = {"engine_batches": 100, "engine_wait_ms": 2.0, "engine_run_ms": 6.0, "engine_infer_ms": 4.0,
+              "engine_run_images": 20.0}  # fmt: skip
+    assert engine_split([first, second, _IDLE]) == pytest.approx((3.5, 9.0, 7.0, 50.0))
 
 
-def test_without_the_engine_there_is_no_engine_split() -> None:
-    """One worker runs its sessions itself: its shares carry no engine figures."""
-    alone = {"engine_batches": 0, "engine_wait_ms": None, "engine_run_ms": None, "engine_run_images": None}
+def test_without_the_engine_or_its_models_part_there_is_no_engine_split() -> None:
+    """One worker runs its sessions itself: its shares carry no engine figures. An engine that does not report
+    the model's part of a run (a server before it did) leaves that column unknown, not zero."""
+    alone = {"engine_batches": 0, "engine_wait_ms": None, "engine_run_ms": None, "engine_infer_ms": None,
+             "engine_run_images": None}  # fmt: skip
     assert engine_split([alone]) is None
     assert engine_split([]) is None
+    older = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
+    assert engine_split([older]) is None
 
 
 def test_the_decode_split_is_weighted_by_each_workers_images() -> None:

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.worker_metrics import scrape, share
 from serving.protos.classify.v1 import classify_pb2 as pb
 from serving.protos.classify.v1 import classify_pb2_grpc
 from tests.serving.conftest import ServerProcess, free_port, write_repository
@@ -53,6 +54,8 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
     request = pb.ClassifyRequest(
         model="digits", images=[pb.Image(raw=pb.RawImage(data=np.zeros(784, np.uint8).tobytes(), shape=[28, 28, 1]))]
     )
+    metrics_ports = [metrics_base + index for index in range(WORKERS)]
+    before = [scrape(metrics_port) for metrics_port in metrics_ports]
     for _ in range(CONNECTIONS):  # separate TCP connections: the kernel spreads connections, not calls
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             classify_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
@@ -69,8 +72,19 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
             < worker["classify_engine_run_duration_seconds_sum"]
             <= worker["classify_compute_infer_duration_seconds_sum"]
         )
+        assert worker["classify_engine_infer_duration_seconds_count"] == worker["classify_batch_size_count"]
+        assert (
+            0
+            < worker["classify_engine_infer_duration_seconds_sum"]
+            <= worker["classify_engine_run_duration_seconds_sum"]
+        ), "the model's part of each run is within the run"
         by_instance = [worker[f"classify_engine_run_duration_seconds_count{{model_instance={i}}}"] for i in (0, 1)]
         assert sum(by_instance) == worker["classify_batch_size_count"], "each batch counted under its instance"
+    for metrics_port, scraped in zip(metrics_ports, before, strict=True):  # as the benchmarks read them
+        worker_share = share(metrics_port, scraped, scrape(metrics_port))
+        assert worker_share.engine_run_ms is not None
+        assert worker_share.engine_infer_ms is not None
+        assert 0 < worker_share.engine_infer_ms <= worker_share.engine_run_ms
 
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0, server.log
