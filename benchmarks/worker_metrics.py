@@ -3,7 +3,8 @@
 Workers share the gRPC port by connection, so one can be busy while another has nothing to do; and a
 request's time inside a worker splits into what comes before the batcher (decoding, conversion), the wait in
 the batcher's queue and the model execution, which through the engine splits again into the wait for the
-model instance there and the joined run. All show here, per worker, where the totals of a run hide them.
+model instance there and the joined run, of which the model call is one part. All show here, per worker,
+where the totals of a run hide them.
 """
 
 from __future__ import annotations
@@ -196,9 +197,9 @@ def _weighted_means(
 
 def _weighted_mean(shares: Sequence[Mapping[str, Any]], key: str, weight: str) -> float | None:
     """The workers' ``key`` means joined into one, each weighted by its ``weight`` count; None if all counts are 0
-    or a counted worker has no ``key`` (a server that does not report it)."""
+    or a counted worker's ``key`` is None (a server that does not report it)."""
     counted = [worker for worker in shares if worker.get(weight)]
-    if any(worker.get(key) is None for worker in counted):
+    if any(worker[key] is None for worker in counted):
         return None
     total = sum(worker[weight] for worker in counted)
     return float(sum(worker[key] * worker[weight] for worker in counted) / total) if total else None

@@ -193,8 +193,11 @@ def run_engine(address: str, device: Device) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the workers drain first
     engine = _Engine(device)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(address)
+    # Bound under another name and moved into place once listening: whoever sees ``address`` exist (the parent
+    # waits for it before starting the workers) can connect at once, not in the gap between bind and listen.
+    listener.bind(f"{address}.new")
     listener.listen()
+    os.rename(f"{address}.new", address)
     _log.info("engine listening on %s", address)
     while True:
         connection, _ = listener.accept()

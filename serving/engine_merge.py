@@ -42,7 +42,7 @@ class EngineRun:
 
     wait_ns: int  # from arrival to the start of the run that answers it: for a split batch, the later to end
     run_ns: int  # that run, joined with whatever else waited: joining the inputs, the model, splitting outputs
-    infer_ns: int  # of that run, the model's own: the session with its copies to and from the device
+    infer_ns: int  # of that run, the model's call: the session with its device copies (and any wait for the GIL)
     run_rows: int  # images in that run
     instance: int  # the model instance that ran it
 

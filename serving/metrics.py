@@ -60,7 +60,8 @@ class Metrics:
         )  # fmt: skip
         self.engine_infer = histogram(
             "classify_engine_infer_duration_seconds",
-            "Time of the model itself (session and device copies) within the engine run that answered a batch",
+            "Time of the model call (session, device copies) within the engine run that answered a batch (for a "
+            "split batch, its last rows' run)",
             _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_run_size = histogram(

@@ -43,12 +43,13 @@ def test_the_engine_split_is_weighted_by_each_workers_batches() -> None:
 
 def test_without_the_engine_or_its_models_part_there_is_no_engine_split() -> None:
     """One worker runs its sessions itself: its shares carry no engine figures. An engine that does not report
-    the model's part of a run (a server before it did) leaves that column unknown, not zero."""
+    the model's part of a run (a server before it did) gives no split rather than a zero for that part."""
     alone = {"engine_batches": 0, "engine_wait_ms": None, "engine_run_ms": None, "engine_infer_ms": None,
              "engine_run_images": None}  # fmt: skip
     assert engine_split([alone]) is None
     assert engine_split([]) is None
-    older = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_run_images": 60.0}
+    older = {"engine_batches": 300, "engine_wait_ms": 4.0, "engine_run_ms": 10.0, "engine_infer_ms": None,
+             "engine_run_images": 60.0}  # fmt: skip
     assert engine_split([older]) is None
 
 

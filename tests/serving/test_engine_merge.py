@@ -198,6 +198,34 @@ def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() 
     assert third.wait_ns >= held_ns
 
 
+def test_the_engines_joining_counts_in_the_run_but_not_in_the_models_part() -> None:
+    """The two batches queued behind a held run are joined before their run; a join held 20 ms shows in
+    ``run_ns`` and not in ``infer_ns``, so the two tell the model's time from the engine's copying."""
+    join_ns = 20_000_000
+
+    class SlowJoin(BatchMerger):
+        def _join(self, instance: int, parts: list, rows: int) -> np.ndarray:
+            time.sleep(join_ns / 1e9)
+            return super()._join(instance, parts, rows)
+
+    model = GatedModel()
+    merger = SlowJoin([model], 16)
+    timings: dict[int, EngineRun] = {}
+    send = partial(_submit_timed, merger, timings=timings)
+    threads = [send(_images(2, 100))]
+    assert model.started.wait(10)
+    threads += [send(_images(3, 110)), send(_images(4, 120))]
+    _wait_for(partial(_waiting_is, merger, 2))
+    model.release.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a batch never came back"
+    joined = timings[110]
+    assert joined.run_rows == 7
+    assert joined.run_ns - joined.infer_ns >= join_ns, "the join is the engine's time, not the model's"
+    assert joined.infer_ns > 0
+
+
 def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1;
     that last run answers it, so its wait covers the run of 8 and its run is the run of 1."""
@@ -220,6 +248,7 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     whole, split = timings[110], timings[120]
     assert (whole.run_rows, split.run_rows) == (8, 1)
     assert split.wait_ns >= whole.run_ns, "queued before the run of 8 began, the split batch waited through it"
+    assert 0 < split.infer_ns <= split.run_ns, "the model's part of the run of 1"
 
 
 class CheckedModel:
