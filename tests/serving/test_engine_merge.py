@@ -6,11 +6,14 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
 from serving.engine_merge import BatchMerger, EngineRun
+
+Result = TypeVar("Result")
 
 
 class GatedModel:
@@ -80,14 +83,22 @@ def _waiting_is(merger: BatchMerger, count: int) -> bool:
     return len(merger._waiting) == count
 
 
-def _queue_behind_a_running_batch(merger: BatchMerger, model: GatedModel, rows: list[int]) -> dict[int, object]:
-    """Start a batch of ``rows[0]`` that blocks in the model, queue the others behind it in order, release."""
-    results: dict[int, object] = {}
-    threads = [_submit(merger, _images(rows[0], 100), results)]
+def _queue_behind_a_running_batch(
+    merger: BatchMerger,
+    model: GatedModel,
+    rows: list[int],
+    submit: Callable[[BatchMerger, np.ndarray, dict[int, Result]], threading.Thread],
+    held_s: float = 0.0,
+) -> dict[int, Result]:
+    """Start a batch of ``rows[0]`` that blocks in the model, queue the others behind it in order (first pixels
+    100, 110, ...), hold the model ``held_s`` longer, release; each batch's result by its first pixel."""
+    results: dict[int, Result] = {}
+    threads = [submit(merger, _images(rows[0], 100), results)]
     assert model.started.wait(10)
     for index, count in enumerate(rows[1:], start=1):
-        threads.append(_submit(merger, _images(count, 100 + 10 * index), results))
+        threads.append(submit(merger, _images(count, 100 + 10 * index), results))
         _wait_for(partial(_waiting_is, merger, index))  # queued in this order, behind the run
+    time.sleep(held_s)
     model.release.set()
     for thread in threads:
         thread.join(10)
@@ -114,7 +125,7 @@ def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
 
 def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows() -> None:
     model = GatedModel()
-    results = _queue_behind_a_running_batch(BatchMerger([model], 16), model, [2, 3, 4])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 16), model, [2, 3, 4], _submit)
     assert model.runs == [2, 7], "the two waiting batches ran as one batch of 3 + 4"
     for first, rows in ((100, 2), (110, 3), (120, 4)):
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
@@ -123,7 +134,7 @@ def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows()
 def test_a_batch_that_does_not_fit_whole_is_split_to_fill_the_run() -> None:
     """Runs are padded to their bucket on CUDA, so every run is filled: 5 + 3 of the 4, then its last 1 + 3."""
     model = GatedModel()
-    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3], _submit)
     assert model.runs == [2, 8, 4]
     for first, rows in ((100, 2), (110, 5), (120, 4), (130, 3)):
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
@@ -140,7 +151,7 @@ def test_a_split_batch_fails_if_either_of_its_runs_fails(
     """Queued 5, 4, 3 behind a run of 2 with max 8: the 4 goes 3 + 1. If its first run fails, its last row
     is not run at all (the answer is already an error); if its second fails, its first part's answers go."""
     model = GatedModel(fail_when_rows=failing_run)
-    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3])
+    results = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4, 3], _submit)
     assert model.runs == runs
     for first in (100, 110, 120, 130):
         if first in failed:
@@ -158,7 +169,7 @@ def test_a_batch_outside_one_to_the_max_is_refused_before_it_joins_a_run(rows: i
 def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None:
     model = GatedModel(fail_when_rows=7)
     merger = BatchMerger([model], 16)
-    results = _queue_behind_a_running_batch(merger, model, [2, 3, 4])
+    results = _queue_behind_a_running_batch(merger, model, [2, 3, 4], _submit)
     assert isinstance(results[100], np.ndarray)
     for first in (110, 120):
         error = results[first]
@@ -172,20 +183,8 @@ def test_a_failed_run_fails_each_of_its_batches_and_the_next_run_works() -> None
 def test_each_batch_learns_its_wait_for_the_instance_and_the_run_it_went_into() -> None:
     """The first batch runs at once; the two queued behind it wait until it ends, then share one run of 7."""
     model = GatedModel()
-    merger = BatchMerger([model], 16)
-    timings: dict[int, EngineRun] = {}
-    send = partial(_submit_timed, merger, timings=timings)
-
-    threads = [send(_images(2, 100))]
-    assert model.started.wait(10)
-    threads += [send(_images(3, 110)), send(_images(4, 120))]
-    _wait_for(partial(_waiting_is, merger, 2))
     held_ns = 50_000_000
-    time.sleep(held_ns / 1e9)
-    model.release.set()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive(), "a batch never came back"
+    timings = _queue_behind_a_running_batch(BatchMerger([model], 16), model, [2, 3, 4], _submit_timed, held_ns / 1e9)
     first, second, third = timings[100], timings[110], timings[120]
     assert first.run_rows == 2
     assert first.infer_ns >= held_ns, "the model was held inside its own part of the run"
@@ -209,18 +208,7 @@ def test_the_engines_joining_counts_in_the_run_but_not_in_the_models_part() -> N
             return super()._join(instance, parts, rows)
 
     model = GatedModel()
-    merger = SlowJoin([model], 16)
-    timings: dict[int, EngineRun] = {}
-    send = partial(_submit_timed, merger, timings=timings)
-    threads = [send(_images(2, 100))]
-    assert model.started.wait(10)
-    threads += [send(_images(3, 110)), send(_images(4, 120))]
-    _wait_for(partial(_waiting_is, merger, 2))
-    model.release.set()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive(), "a batch never came back"
-    joined = timings[110]
+    joined = _queue_behind_a_running_batch(SlowJoin([model], 16), model, [2, 3, 4], _submit_timed)[110]
     assert joined.run_rows == 7
     assert joined.run_ns - joined.infer_ns >= join_ns, "the join is the engine's time, not the model's"
     assert joined.infer_ns > 0
@@ -230,20 +218,7 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     """Queued 5 and 4 behind a held run, max 8: the 4 goes 3 into the run of 8 and 1 into the next, of 1;
     that last run answers it, so its wait covers the run of 8 and its run is the run of 1."""
     model = GatedModel()
-    merger = BatchMerger([model], 8)
-    timings: dict[int, EngineRun] = {}
-    send = partial(_submit_timed, merger, timings=timings)
-
-    threads = [send(_images(2, 100))]
-    assert model.started.wait(10)
-    threads += [send(_images(5, 110))]
-    _wait_for(partial(_waiting_is, merger, 1))
-    threads += [send(_images(4, 120))]
-    _wait_for(partial(_waiting_is, merger, 2))
-    model.release.set()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive(), "a batch never came back"
+    timings = _queue_behind_a_running_batch(BatchMerger([model], 8), model, [2, 5, 4], _submit_timed)
     assert model.runs == [2, 8, 1]
     whole, split = timings[110], timings[120]
     assert (whole.run_rows, split.run_rows) == (8, 1)
