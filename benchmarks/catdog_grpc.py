@@ -5,7 +5,9 @@ batches them. Two ceilings bound the server:
 - decode: ``serving.images.decode_image`` on every core at once, in-process (what the CPU can prepare);
 - model: in-process ONNX Runtime at the precision the server ran (the ``precision`` column, from the
   server's log), from ``benchmarks.ceiling --json``.
-The baseline is the same server with batching off (max batch 1, no delay) and one worker. ``in srv``: the
+The baseline is the same server with batching off (max batch 1, no delay) and one worker. ``srv cores``,
+``box cpu%`` and ``gpu%`` cover the seconds ``classify bench`` measured (``usage.window_s``), not its
+start-up, warm-up and exit; the columns from the workers' /metrics cover the whole run. ``in srv``: the
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run``, ``eng infer`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its
 wait there for the model instance, the time of the joined run that answered it (a batch split over two runs:
@@ -153,10 +155,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     bench += ["--channels", str(args.bench_channels)]
                     bench += ["--stream"] if stream else []
                     tag = f"{server.tag}.b{batch}.c{concurrency}.{mode}"
-                    with sample_usage(server) as usage:
+                    with sample_usage(server) as probe:
                         address = f"127.0.0.1:{server.port}"
                         result = classify_bench(address, MODEL, bench, args.log_dir, tag, args.duration)
-                    result.usage = usage
+                    result.usage = probe.over(result.window)
                     row = {"server": name, "precision": precision, "batch": batch, "concurrency": concurrency}
                     rows.append(row | {"mode": mode} | asdict(result))
                     print(json.dumps(rows[-1]), flush=True)

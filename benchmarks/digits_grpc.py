@@ -7,9 +7,12 @@ In one run, on one box, with the same load generators:
 
 Load: Triton's perf_analyzer (KServe v2 ``ModelInfer``, unary and ``--streaming``) over a concurrency sweep,
 and ``classify bench`` over both APIs, unary and streamed. Each row gives images/s, latency percentiles, the
-server's CPU use, the box's and the GPU's, and the ratios server/echo and server/baseline. ``idle wkrs``
-and ``in srv`` come from each worker's /metrics: workers that answered nothing, and the part of the client's
-mean latency spent inside the workers' handlers (the rest is in gRPC, at both ends, and in the client).
+server's CPU use, the box's and the GPU's, and the ratios server/echo and server/baseline. The use is taken
+over the seconds ``classify bench`` measured (``usage.window_s``), without its start-up, warm-up and exit;
+perf_analyzer does not say when its windows ran, so its rows cover its whole run. ``idle wkrs`` and
+``in srv`` come from each worker's /metrics, over the whole run: workers that answered nothing, and the part of
+the client's mean latency spent inside the workers' handlers (the rest is in gRPC, at both ends, and in the
+client).
 
     python -m benchmarks.digits_grpc --perf-analyzer perf_analyzer --workers 8 --log-dir /tmp/digits
 """
@@ -65,20 +68,20 @@ def _measure(args: argparse.Namespace, server: Server) -> list[dict[str, object]
     for mode in args.modes:
         for concurrency in args.concurrency if args.perf_analyzer else ():
             tag = f"{server.tag}.kserve.{mode}.c{concurrency}"
-            with sample_usage(server) as usage:
+            with sample_usage(server) as probe:
                 result = perf_analyzer(
                     args.perf_analyzer, MODEL, server.port, concurrency, _MODES[mode], args.log_dir, tag
                 )
-            result.usage = usage
+            result.usage = probe.over()  # perf_analyzer does not say when its windows ran: the whole run
             record("perf_analyzer", "kserve", mode, concurrency, result)
         for api in args.bench_apis:
             tag = f"{server.tag}.{api}.{mode}"
             bench_args = ["--api", api, "--concurrency", str(args.bench_concurrency)]
             bench_args += ["--processes", str(args.bench_processes), "--channels", str(args.bench_channels)]
             bench_args += ["--stream"] if _MODES[mode] else []
-            with sample_usage(server) as usage:
+            with sample_usage(server) as probe:
                 result = classify_bench(f"127.0.0.1:{server.port}", MODEL, bench_args, args.log_dir, tag, args.duration)
-            result.usage = usage
+            result.usage = probe.over(result.window)
             record("classify bench", api, mode, args.bench_concurrency, result)
     return rows
 

@@ -1,5 +1,9 @@
 """What every benchmark script shares: start servers, drive load generators, sample CPU and GPU, print tables.
 
+CPU and GPU use is sampled through a whole load run and taken over the seconds the load generator measured,
+where it says which (``classify bench`` does, on the machine's monotonic clock), so that its start-up, warm-up
+and exit do not dilute the figures.
+
 Every load run writes its raw output (perf_analyzer's CSV and log, ``classify bench --json``) under a log
 folder, so each figure in a table can be traced to the run that produced it.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from google.protobuf import text_format
 
@@ -31,6 +36,7 @@ __all__ = [
     "LoadResult",
     "Server",
     "Usage",
+    "UsageProbe",
     "classify_bench",
     "format_table",
     "free_port",
@@ -249,68 +255,145 @@ def start_named_server(
 
 @dataclass
 class Usage:
-    """CPU and GPU use over one load run."""
+    """CPU and GPU use over one load run: the seconds its load generator measured (``window_s``), or all of it."""
 
     server_cores: float = 0.0  # CPU seconds of the server's processes per second of wall time
     process_cores: dict[int, float] = field(default_factory=dict)  # the same per pid (the server log names roles)
     box_percent: float = 0.0  # all cores, busy time, in percent
     gpu_percent: float | None = None  # nvidia-smi utilization.gpu, mean of its samples; None without a GPU
     workers: list[WorkerShare] = field(default_factory=list)  # each worker's requests and where their time went
+    window_s: float | None = None  # the seconds measured: the load generator's own window; None: the whole block
+
+
+@dataclass(frozen=True)
+class _CpuSample:
+    """Cumulative CPU counters read at one moment of time.monotonic()."""
+
+    at: float
+    processes: tuple[float, ...]  # CPU seconds of each server process
+    box_busy: float  # busy seconds of all cores
+    box_all: float  # all seconds of all cores
+
+
+class UsageProbe:
+    """What ``sample_usage`` recorded: CPU counters every 100 ms and the GPU's utilisation samples, each at its
+    time.monotonic(), and each worker's share from its metrics at the block's start and end."""
+
+    def __init__(self, processes: list[psutil.Process]) -> None:
+        self.processes = processes
+        self.cpu: list[_CpuSample] = []
+        self.gpu: list[tuple[float, float]] = []  # (time.monotonic(), utilization.gpu)
+        self.workers: list[WorkerShare] = []
+
+    def sample(self) -> None:
+        """Read the CPU counters now: at the block's start and end, and every 100 ms between."""
+        box = psutil.cpu_times()
+        last = self.cpu[-1].processes if self.cpu else (0.0,) * len(self.processes)
+        spent = tuple(_cpu_seconds(p, seen) for p, seen in zip(self.processes, last, strict=True))
+        self.cpu.append(_CpuSample(time.monotonic(), spent, sum(box) - box.idle, sum(box)))
+
+    def over(self, window: tuple[float, float] | None = None) -> Usage:
+        """The figures over ``window`` (time.monotonic() seconds inside the block, such as the measured window
+        ``classify bench`` reports), or over the whole block; the workers' shares always cover the whole block.
+
+        Raises:
+            ValueError: the window does not lie inside the block.
+        """
+        times = [sample.at for sample in self.cpu]
+        start, end = window or (times[0], times[-1])
+        if not times[0] <= start < end <= times[-1]:
+            block = f"{times[0]:.3f}-{times[-1]:.3f}"
+            raise ValueError(f"window {start:.3f}-{end:.3f} s is not inside the sampled block, {block} s")
+        seconds = end - start
+
+        def grown(counter: Sequence[float]) -> float:
+            return _growth(times, counter, (start, end))
+
+        spent = [grown([sample.processes[i] for sample in self.cpu]) for i in range(len(self.processes))]
+        process_cores = {p.pid: cpu / seconds for p, cpu in zip(self.processes, spent, strict=True)}
+        busy = grown([sample.box_busy for sample in self.cpu])
+        everything = grown([sample.box_all for sample in self.cpu])
+        return Usage(
+            server_cores=sum(process_cores.values()),
+            process_cores=process_cores,
+            box_percent=100.0 * busy / max(1e-9, everything),
+            gpu_percent=_mean_inside(self.gpu, (start, end)),
+            workers=self.workers,
+            window_s=None if window is None else seconds,
+        )
+
+
+def _growth(times: Sequence[float], counter: Sequence[float], window: tuple[float, float]) -> float:
+    """How much a cumulative counter read at ``times`` grew over ``window``, taken as linear between readings:
+    a window's bounds fall between samples."""
+    before, after = np.interp(window, times, counter)
+    return float(after - before)
+
+
+def _mean_inside(samples: Sequence[tuple[float, float]], window: tuple[float, float]) -> float | None:
+    """The mean of the (time, value) samples taken inside ``window``; None if none was."""
+    inside = [value for at, value in samples if window[0] <= at <= window[1]]
+    return sum(inside) / len(inside) if inside else None
+
+
+_SAMPLE_EVERY = 0.1  # seconds between CPU samples, as often as nvidia-smi samples the GPU
 
 
 @contextlib.contextmanager
-def sample_usage(server: Server) -> Iterator[Usage]:
-    """Measure the server's CPU time (in all and per process: workers share the port by connection, so their
-    loads can differ), each worker's share from its metrics, the whole box's and the GPU's utilisation while
-    the block runs."""
-    usage = Usage()
-    processes = [psutil.Process(pid) for pid in server.pids()]
+def sample_usage(server: Server) -> Iterator[UsageProbe]:
+    """Sample the server's CPU time (in all and per process: workers share the port by connection, so their
+    loads can differ), the whole box's and the GPU's utilisation while the block runs, and each worker's share
+    from its metrics. After the block, ``probe.over(window)`` gives the figures over a window inside it: a load
+    generator's start-up, warm-up and exit would dilute them."""
+    probe = UsageProbe([psutil.Process(pid) for pid in server.pids()])
     metrics_before = [scrape(port) for port in server.metrics_ports]
-    gpu_samples: list[float] = []
-    sampler = _GpuSampler(gpu_samples) if shutil.which("nvidia-smi") else None
-    box_before = psutil.cpu_times()
-    cpu_before = [_cpu_seconds(p) for p in processes]
-    started = time.perf_counter()
+    sampler = _GpuSampler(probe.gpu) if shutil.which("nvidia-smi") else None
+    stop = threading.Event()
+    thread = threading.Thread(target=_sample_until, args=(probe, stop), daemon=True)
+    probe.sample()
+    thread.start()
     try:
-        yield usage
+        yield probe
     finally:
-        elapsed = time.perf_counter() - started
-        spent = [_cpu_seconds(p) - before for p, before in zip(processes, cpu_before, strict=True)]
-        usage.process_cores = {p.pid: seconds / elapsed for p, seconds in zip(processes, spent, strict=True)}
-        usage.server_cores = sum(usage.process_cores.values())
-        usage.workers = [
+        stop.set()
+        thread.join()
+        probe.sample()
+        probe.workers = [
             share(port, before, scrape(port)) for port, before in zip(server.metrics_ports, metrics_before, strict=True)
         ]
-        box_after = psutil.cpu_times()
-        busy = sum(box_after) - sum(box_before) - (box_after.idle - box_before.idle)
-        usage.box_percent = 100.0 * busy / max(1e-9, sum(box_after) - sum(box_before))
         if sampler is not None:
             sampler.stop()
-            usage.gpu_percent = sum(gpu_samples) / len(gpu_samples) if gpu_samples else None
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def _sample_until(probe: UsageProbe, stop: threading.Event) -> None:
+    while not stop.wait(_SAMPLE_EVERY):
+        probe.sample()
+
+
+def _cpu_seconds(process: psutil.Process, last: float) -> float:
+    """The process's CPU seconds so far; one that has exited keeps the ``last`` it was seen to use."""
     try:
         times = process.cpu_times()
     except psutil.NoSuchProcess:
-        return 0.0
+        return last
     return float(times.user + times.system)
 
 
 class _GpuSampler:
     """nvidia-smi printing GPU utilisation every 100 ms, read on a thread."""
 
-    def __init__(self, samples: list[float]) -> None:
+    def __init__(self, samples: list[tuple[float, float]]) -> None:
         command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         self.thread = threading.Thread(target=self._read, args=(samples,), daemon=True)
         self.thread.start()
 
-    def _read(self, samples: list[float]) -> None:
+    def _read(self, samples: list[tuple[float, float]]) -> None:
+        """Each line as (time.monotonic() when it came, utilisation)."""
         assert self.process.stdout is not None
         for line in self.process.stdout:
             with contextlib.suppress(ValueError):
-                samples.append(float(line.split(",")[0]))
+                samples.append((time.monotonic(), float(line.split(",")[0])))
 
     def stop(self) -> None:
         self.process.terminate()
@@ -331,6 +414,7 @@ class LoadResult:
     usage: Usage = field(default_factory=Usage)
     raw: str = ""  # the file holding the generator's own output
     mean_ms: float | None = None  # mean latency of the answered requests
+    window: tuple[float, float] | None = None  # the measured seconds on time.monotonic()'s clock, where known
 
 
 # perf_analyzer's mean latency: its log's last summary line (its CSV holds it only as parts, and those only
@@ -399,6 +483,7 @@ def classify_bench(
     if done.returncode not in (0, 1):
         raise RuntimeError(f"classify bench failed ({done.returncode}): {done.stderr[-2000:]}")
     summary: dict[str, Any] = json.loads(done.stdout)
+    window = summary["window_monotonic_s"]
     return LoadResult(
         generator="classify bench",
         images_per_s=summary["images_per_s"],
@@ -408,6 +493,7 @@ def classify_bench(
         errors=summary["failed"],
         raw=raw.name,
         mean_ms=summary["mean_ms"],
+        window=None if window is None else (window[0], window[1]),
     )
 
 

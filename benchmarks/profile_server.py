@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 time.sleep(3)  # connected and at full load
                 targets = profiled_processes(server)
                 collapsed = {name: log_dir / f"profile.{tag}.{name}.collapsed.txt" for name in targets}
-                with sample_usage(server) as usage:
+                with sample_usage(server) as probe:
                     spies = {
                         name: record(args.py_spy, pid, args.seconds, collapsed[name], args.gil)
                         for name, pid in targets.items()
@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         _, errors = spy.communicate()
                         if spy.returncode != 0:
                             raise RuntimeError(f"py-spy on the {name} failed: {errors.decode()[-2000:]}")
+                usage = probe.over()  # the block is the profiled seconds, all under full load
                 cores = {name: usage.process_cores.get(pid) for name, pid in targets.items()}
                 generator.wait(120)
         finally:

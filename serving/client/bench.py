@@ -323,6 +323,7 @@ class _Measured:
     errors: dict[str, int]
     messages: dict[str, str]  # the first message seen per status
     elapsed_ns: int
+    start_ns: int  # the common start the load began at, a time.monotonic_ns: where the measured window lies
 
 
 @dataclass
@@ -455,10 +456,10 @@ class _Load:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def measured(self) -> _Measured:
+    def measured(self, start_ns: int) -> _Measured:
         elapsed = self.plan.duration_ns if self.plan.duration_ns is not None else self.last_ns - self.warm_end
         latencies = np.frombuffer(self.latencies, dtype=np.int64).copy()
-        return _Measured(latencies, dict(self.errors), self.messages, elapsed)
+        return _Measured(latencies, dict(self.errors), self.messages, elapsed, start_ns)
 
 
 def _stream_depths(plan: _Plan) -> list[int]:
@@ -494,7 +495,7 @@ async def _run_plan(plan: _Plan, announce_ready: Callable[[], None], wait_start:
         await asyncio.sleep(max(0, start - time.monotonic_ns()) / 1e9)
         load = _Load(plan, time.perf_counter_ns())
         await load.run(channels)
-        return load.measured()
+        return load.measured(start)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -579,6 +580,7 @@ def _summary(args: argparse.Namespace, plans: list[_Plan], measured: list[_Measu
         "batch": args.batch,
         "warmup_s": plans[0].warmup_ns / 1e9,
         "duration_s": duration,
+        "window_monotonic_s": _window(plans[0], measured[0].start_ns, duration),
         "requests": succeeded + failed,
         "failed": failed,
         "images": succeeded * args.batch,
@@ -592,6 +594,16 @@ def _summary(args: argparse.Namespace, plans: list[_Plan], measured: list[_Measu
         "errors": dict(sorted(errors.items())),
         "error_messages": dict(sorted(messages.items())),
     }
+
+
+def _window(plan: _Plan, start_ns: int, duration_s: float) -> list[float] | None:
+    """The measured seconds as [from, to] on time.monotonic()'s clock, None when the run counts requests. That
+    clock is CLOCK_MONOTONIC on Linux, one for all processes on the machine, so whoever ran the benchmark can
+    match it with its own time.monotonic() readings (CPU samples, say) and leave out start-up and warm-up."""
+    if plan.duration_ns is None:
+        return None
+    begin = (start_ns + plan.warmup_ns) / 1e9
+    return [begin, begin + duration_s]
 
 
 def _table(summary: dict[str, Any]) -> str:

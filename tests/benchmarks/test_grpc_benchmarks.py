@@ -108,6 +108,9 @@ def test_digits_grpc_measures_server_baseline_and_echo_in_one_run(repo_root: Pat
     assert all(row["usage"]["server_cores"] > 0 for row in rows), "the server's CPU time is sampled"
     for row in rows:  # each process apart too, so uneven workers show
         assert row["usage"]["server_cores"] == pytest.approx(sum(row["usage"]["process_cores"].values()))
+    for row in rows:  # over the seconds classify bench measured, not its start-up, warm-up and exit
+        begin, end = row["window"]
+        assert row["usage"]["window_s"] == pytest.approx(end - begin) == pytest.approx(1.0)
     for row in rows:  # and each worker's requests and time split, from its metrics (the echo server has none)
         shares = row["usage"]["workers"]
         if row["server"] == "echo":

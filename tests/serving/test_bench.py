@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,11 +207,28 @@ def test_streams_spread_evenly_over_the_connections(
 def test_json_has_the_documented_fields(bench_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     status, summary = run_json(capsys, "--server", bench_server.address, "--model", "digits", "--requests", "10")
     assert status == 0
-    assert set(summary) == set(SUMMARY_FIELDS) | {"stream_depth"}
+    assert set(summary) == set(SUMMARY_FIELDS) | {"stream_depth", "window_monotonic_s"}
     for field, kind in SUMMARY_FIELDS.items():
         assert isinstance(summary[field], (int, float) if kind is float else kind), field
     assert summary["stream_depth"] is None
+    assert summary["window_monotonic_s"] is None, "counting requests, no process's window is the run's"
     assert summary["target"] == bench_server.address
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_measured_window_is_on_the_callers_monotonic_clock(
+    bench_server: ServerProcess, capsys: pytest.CaptureFixture[str], processes: int
+) -> None:
+    """The measured seconds, on the clock every process on the machine shares: after the warm-up that followed
+    the call, as long as the run's duration, and over before the call returned."""
+    argv = ["--server", bench_server.address, "--model", "digits", "--concurrency", "4", "--processes", str(processes)]
+    before = time.monotonic()
+    status, summary = run_json(capsys, *argv, "--duration", "1", "--warmup", "0.3")
+    after = time.monotonic()
+    assert status == 0
+    begin, end = summary["window_monotonic_s"]
+    assert end - begin == pytest.approx(summary["duration_s"]) == pytest.approx(1.0)
+    assert before + 0.3 < begin < end < after
 
 
 @pytest.mark.parametrize("stream", [False, True])
