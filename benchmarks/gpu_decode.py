@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import zipfile
 from pathlib import Path
 
 from nvidia import nvimgcodec
 
+from benchmarks.photos import validation_photos
+
 _BATCHES = (8, 64, 256)
 _SECONDS = 2.0
-
-
-def _validation_photos(zip_path: Path) -> list[bytes]:
-    with zipfile.ZipFile(zip_path) as archive:
-        names = [name for name in archive.namelist() if name.startswith("val/") and name.lower().endswith(".jpg")]
-        return [archive.read(name) for name in names]
 
 
 def _rate(decoder: object, streams: list[object], batch: int) -> float:
@@ -43,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="the cat/dog photo zip (its val/ JPEGs are decoded)")
     args = parser.parse_args()
-    photos = _validation_photos(args.photos)
+    photos = validation_photos(args.photos)
     print("photos", len(photos), "mean bytes", sum(map(len, photos)) // len(photos))
     backends = {
         "gpu": nvimgcodec.GPU_ONLY,  # CUDA kernels
