@@ -55,6 +55,7 @@ __all__ = [
 _READY_TIMEOUT = 300.0
 _CHANGE = re.compile(
     r"i(?P<instances>\d+)|d(?P<delay>\d+)|(?P<precision>fp16|fp32)|(?P<layout>nhwc|nchw)|t(?P<decode_threads>\d+)"
+    r"|g(?P<gil_us>\d+)"
 )
 
 
@@ -171,9 +172,11 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
 
 
 def server_flags(name: str) -> list[str]:
-    """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker."""
+    """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker, ``:gN`` a GIL
+    switch interval of N microseconds in each (``--gil-switch-interval``)."""
     _, settings = _changes(name)
-    return ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
+    flags = ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
+    return flags + (["--gil-switch-interval", f"{int(settings['gil_us']) / 1e6:g}"] if "gil_us" in settings else [])
 
 
 def server_command(

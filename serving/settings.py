@@ -41,6 +41,10 @@ class Settings:
     decode_threads: int = field(
         default=0, metadata={"help": "image decode threads per server process; 0: the usable cores over --workers"}
     )
+    gil_switch_interval: float = field(
+        default=0.0,
+        metadata={"help": "seconds a thread may keep the GIL while another waits for it; 0: Python's own, 0.005"},
+    )
     grace_period: float = field(default=30.0, metadata={"help": "seconds to finish in-flight requests on SIGTERM"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve gRPC over TLS"})
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
@@ -123,6 +127,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--workers must be at least 1")
     if settings.decode_threads < 0:
         parser.error("--decode-threads must be 0 (one share of the cores per worker) or more")
+    if settings.gil_switch_interval < 0:
+        parser.error("--gil-switch-interval must be 0 (Python's own, 0.005) or more seconds")
     if settings.workers > 1 and settings.port == 0:
         parser.error("--workers above 1 needs a fixed --port: the workers share it")
     return settings
