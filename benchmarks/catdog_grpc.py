@@ -30,11 +30,10 @@ import json
 import os
 import tempfile
 import time
-import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from benchmarks.harness import (
     classify_bench,
@@ -43,20 +42,17 @@ from benchmarks.harness import (
     sample_usage,
     start_named_server,
 )
+from benchmarks.photos import CATDOG_INPUT, validation_photos
 from benchmarks.worker_metrics import decode_split, engine_split, first_instance_share, idle_workers, inside_server
-from serving.images import InputSpec, ResizeMode, decode_image
+from serving.images import decode_image
 
 MODEL = "catdog"
-_SPEC = InputSpec(224, 224, 3, ResizeMode.CENTER_CROP)
 
 
 def extract_validation_photos(photos: Path, target: Path) -> Path:
     """The ``val/{cat,dog}`` JPEG files of the photo zip, unpacked as they are (not re-encoded)."""
-    with zipfile.ZipFile(photos) as archive:
-        for name in archive.namelist():
-            parts = PurePosixPath(name).parts
-            if len(parts) >= 3 and parts[-3] == "val" and name.lower().endswith((".jpg", ".jpeg")):
-                (target / f"{parts[-2]}.{parts[-1]}").write_bytes(archive.read(name))
+    for name, data in validation_photos(photos).items():
+        (target / name).write_bytes(data)
     return target
 
 
@@ -66,7 +62,7 @@ def _decode_for(folder: Path, seconds: float) -> int:
     done = 0
     give_up = time.perf_counter() + seconds
     while time.perf_counter() < give_up:
-        decode_image(photos[done % len(photos)], _SPEC)
+        decode_image(photos[done % len(photos)], CATDOG_INPUT)
         done += 1
     return done
 

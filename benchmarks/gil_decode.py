@@ -1,9 +1,10 @@
-"""A probe for the decode stage's wait: Pillow decoding beside a thread that holds the GIL in bursts, as a
-worker's event loop does under load, at several GIL switch intervals.
+"""A probe of the decode stage's wait: Pillow's decode beside a thread holding the GIL, per switch interval.
 
-A worker's decode threads leave the GIL inside Pillow's C code and take it back between steps (the JPEG load,
-the crop, the resize, the copy out). Each time, they wait for the thread holding it, up to the switch interval
-(``sys.setswitchinterval``, 5 ms by default) when that thread runs Python without pause. This decodes the
+Under load a worker's event loop holds its process's GIL in bursts while the decode threads decode beside it.
+They leave the GIL inside Pillow's C code and take it back between steps (the JPEG load, the crop, the resize,
+the copy out). Each time, they wait for the thread holding it: about the switch interval
+(``sys.setswitchinterval``, 5 ms by default) when that thread runs Python without pause, after which it is asked
+to let go. This decodes the
 validation photos as the server does (``serving.images.decode_image``, the cat/dog input) on one thread, alone
 and beside one thread that runs Python for ``--burst-ms`` and then sleeps ``--pause-ms``, at each interval, and
 prints a decode's wall time against its thread's CPU time. It needs no GPU:
@@ -24,15 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.harness import format_table
-from benchmarks.photos import validation_photos
-from serving.images import InputSpec, ResizeMode, decode_image
-
-_CATDOG = InputSpec(224, 224, 3, ResizeMode.CENTER_CROP)
+from benchmarks.photos import CATDOG_INPUT, validation_photos
+from serving.images import decode_image
 
 
 @dataclass
 class Row:
-    interval_ms: float  # sys.setswitchinterval, in milliseconds
+    interval_ms: float  # the switch interval in force while decoding (sys.getswitchinterval), in milliseconds
     beside: str  # "nothing", or the bursts of the other thread
     images: int
     wall_ms: float  # per decode
@@ -77,7 +76,7 @@ def decode_timed(photos: Sequence[bytes], seconds: float) -> tuple[int, float, f
     while images < len(photos) or time.perf_counter() - started < seconds:
         photo = photos[images % len(photos)]
         wall_before, cpu_before = time.perf_counter(), time.thread_time()
-        decode_image(photo, _CATDOG)
+        decode_image(photo, CATDOG_INPUT)
         wall += time.perf_counter() - wall_before
         cpu += time.thread_time() - cpu_before
         images += 1
@@ -89,27 +88,37 @@ def measure(
 ) -> list[Row]:
     """One row alone and one beside the bursts, per switch interval."""
     rows = []
-    beside = f"{burst_ms:g} ms bursts, {pause_ms:g} ms pauses"
     for interval_ms in intervals_ms:
         with _switch_interval(interval_ms / 1e3):
-            for label in ("nothing", beside):
-                with _bursts(burst_ms / 1e3, pause_ms / 1e3) if label == beside else nullcontext():
+            for beside_bursts in (False, True):
+                with _bursts(burst_ms / 1e3, pause_ms / 1e3) if beside_bursts else nullcontext():
                     images, wall, cpu = decode_timed(photos, seconds)
-                rows.append(Row(interval_ms, label, images, 1e3 * wall / images, 1e3 * cpu / images))
+                label = f"{burst_ms:g} ms bursts, {pause_ms:g} ms pauses" if beside_bursts else "nothing"
+                in_force = sys.getswitchinterval() * 1e3
+                rows.append(Row(in_force, label, images, 1e3 * wall / images, 1e3 * cpu / images))
     return rows
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a switch interval is more than 0 ms")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="the cat/dog photo zip (its val/ JPEGs are decoded)")
-    parser.add_argument("--intervals-ms", type=float, nargs="+", default=[5.0, 1.0, 0.5])
+    parser.add_argument(
+        "--intervals-ms", type=_positive, nargs="+", default=[5.0, 1.0, 0.5], help="GIL switch intervals to try"
+    )
     parser.add_argument("--burst-ms", type=float, default=2.0, help="Python run by the other thread at a time")
     parser.add_argument("--pause-ms", type=float, default=1.0, help="its sleep between bursts")
     parser.add_argument("--seconds", type=float, default=3.0, help="decoding per row")
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (quick checks)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args(argv)
-    photos = validation_photos(args.photos)[: args.limit or None]
+    photos = list(validation_photos(args.photos).values())[: args.limit or None]
     rows = measure(photos, args.intervals_ms, args.burst_ms, args.pause_ms, args.seconds)
     if args.json:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=1))

@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="the cat/dog photo zip (its val/ JPEGs are decoded)")
     args = parser.parse_args()
-    photos = validation_photos(args.photos)
+    photos = list(validation_photos(args.photos).values())
     print("photos", len(photos), "mean bytes", sum(map(len, photos)) // len(photos))
     backends = {
         "gpu": nvimgcodec.GPU_ONLY,  # CUDA kernels

@@ -139,7 +139,7 @@ def _changes(name: str) -> tuple[str, dict[str, str]]:
     for change in changes:
         match = _CHANGE.fullmatch(change)
         if match is None:
-            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw, tN)")
+            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw, tN, gN)")
         ((setting, value),) = ((key, value) for key, value in match.groupdict().items() if value is not None)
         if setting in settings:
             raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
@@ -150,8 +150,8 @@ def _changes(name: str) -> tuple[str, dict[str, str]]:
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
     """The repository for a named server: ``server`` (the committed config) or ``baseline`` (batching off), with
     changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32`` the precision
-    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off (``:tN`` is a server flag,
-    ``server_flags``).
+    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off (``:tN`` and ``:gN`` are server
+    flags, ``server_flags``).
 
     Raises:
         ValueError: an unknown name or change, or one setting changed twice.
@@ -176,7 +176,11 @@ def server_flags(name: str) -> list[str]:
     switch interval of N microseconds in each (``--gil-switch-interval``)."""
     _, settings = _changes(name)
     flags = ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
-    return flags + (["--gil-switch-interval", f"{int(settings['gil_us']) / 1e6:g}"] if "gil_us" in settings else [])
+    if "gil_us" in settings:
+        if int(settings["gil_us"]) == 0:
+            raise ValueError(f"server {name!r}: a GIL switch interval of 0 us would mean Python's own; leave out :g0")
+        flags += ["--gil-switch-interval", repr(int(settings["gil_us"]) / 1e6)]
+    return flags
 
 
 def server_command(
@@ -361,11 +365,11 @@ def sample_usage(server: Server) -> Iterator[UsageProbe]:
         stop.set()
         thread.join()
         probe.sample()
+        if sampler is not None:
+            sampler.stop()
         probe.workers = [
             share(port, before, scrape(port)) for port, before in zip(server.metrics_ports, metrics_before, strict=True)
         ]
-        if sampler is not None:
-            sampler.stop()
 
 
 def _sample_until(probe: UsageProbe, stop: threading.Event) -> None:

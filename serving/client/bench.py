@@ -323,7 +323,7 @@ class _Measured:
     errors: dict[str, int]
     messages: dict[str, str]  # the first message seen per status
     elapsed_ns: int
-    start_ns: int  # the common start the load began at, a time.monotonic_ns: where the measured window lies
+    began_ns: int  # when this process's load began, a time.monotonic_ns: where its measured window lies
 
 
 @dataclass
@@ -456,10 +456,10 @@ class _Load:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def measured(self, start_ns: int) -> _Measured:
+    def measured(self, began_ns: int) -> _Measured:
         elapsed = self.plan.duration_ns if self.plan.duration_ns is not None else self.last_ns - self.warm_end
         latencies = np.frombuffer(self.latencies, dtype=np.int64).copy()
-        return _Measured(latencies, dict(self.errors), self.messages, elapsed, start_ns)
+        return _Measured(latencies, dict(self.errors), self.messages, elapsed, began_ns)
 
 
 def _stream_depths(plan: _Plan) -> list[int]:
@@ -493,9 +493,10 @@ async def _run_plan(plan: _Plan, announce_ready: Callable[[], None], wait_start:
         announce_ready()
         start = await asyncio.to_thread(wait_start)
         await asyncio.sleep(max(0, start - time.monotonic_ns()) / 1e9)
+        began = time.monotonic_ns()  # a process that woke late measures later than the common start
         load = _Load(plan, time.perf_counter_ns())
         await load.run(channels)
-        return load.measured(start)
+        return load.measured(began)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -580,7 +581,7 @@ def _summary(args: argparse.Namespace, plans: list[_Plan], measured: list[_Measu
         "batch": args.batch,
         "warmup_s": plans[0].warmup_ns / 1e9,
         "duration_s": duration,
-        "window_monotonic_s": _window(plans[0], measured[0].start_ns, duration),
+        "window_monotonic_s": _window(plans[0], [m.began_ns for m in measured], duration),
         "requests": succeeded + failed,
         "failed": failed,
         "images": succeeded * args.batch,
@@ -596,14 +597,14 @@ def _summary(args: argparse.Namespace, plans: list[_Plan], measured: list[_Measu
     }
 
 
-def _window(plan: _Plan, start_ns: int, duration_s: float) -> list[float] | None:
-    """The measured seconds as [from, to] on time.monotonic()'s clock, None when the run counts requests. That
-    clock is CLOCK_MONOTONIC on Linux, one for all processes on the machine, so whoever ran the benchmark can
-    match it with its own time.monotonic() readings (CPU samples, say) and leave out start-up and warm-up."""
+def _window(plan: _Plan, began_ns: Sequence[int], duration_s: float) -> list[float] | None:
+    """The seconds any process measured, as [from, to] on time.monotonic()'s clock; None when the run counts
+    requests. That clock is CLOCK_MONOTONIC on Linux, one for all processes on the machine, so whoever ran the
+    benchmark can match it with its own time.monotonic() readings (CPU samples, say) and leave out start-up and
+    warm-up."""
     if plan.duration_ns is None:
         return None
-    begin = (start_ns + plan.warmup_ns) / 1e9
-    return [begin, begin + duration_s]
+    return [(min(began_ns) + plan.warmup_ns) / 1e9, (max(began_ns) + plan.warmup_ns) / 1e9 + duration_s]
 
 
 def _table(summary: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ def test_usage_over_a_window_leaves_out_what_ran_outside_it(tmp_path: Path) -> N
     assert 0 < spinning.box_percent <= 100
     assert probe.over((slept, spun)).server_cores < 0.1, "asleep, the child used no CPU"
     whole = probe.over()
-    assert whole.server_cores < 0.6, "1 s of CPU over 2 s and more"
+    assert 0.3 < whole.server_cores < 0.6, "1 s of CPU over 2 s and more, kept after the child exited"
     assert whole.window_s is None
 
 

@@ -220,14 +220,18 @@ def test_the_measured_window_is_on_the_callers_monotonic_clock(
     bench_server: ServerProcess, capsys: pytest.CaptureFixture[str], processes: int
 ) -> None:
     """The measured seconds, on the clock every process on the machine shares: after the warm-up that followed
-    the call, as long as the run's duration, and over before the call returned."""
+    the call, as long as the run's duration (longer by how much later than the first the last process woke),
+    and over before the call returned."""
     argv = ["--server", bench_server.address, "--model", "digits", "--concurrency", "4", "--processes", str(processes)]
     before = time.monotonic()
     status, summary = run_json(capsys, *argv, "--duration", "1", "--warmup", "0.3")
     after = time.monotonic()
     assert status == 0
     begin, end = summary["window_monotonic_s"]
-    assert end - begin == pytest.approx(summary["duration_s"]) == pytest.approx(1.0)
+    assert summary["duration_s"] == pytest.approx(1.0)
+    if processes == 1:
+        assert end - begin == pytest.approx(1.0)
+    assert 1.0 <= end - begin < 1.5
     assert before + 0.3 < begin < end < after
 
 

@@ -41,7 +41,9 @@ def test_variables_fill_and_flags_win() -> None:
         (["--workers", "0"], {}, "--workers must be at least 1"),
         (["--workers", "2", "--port", "0"], {}, "--workers above 1 needs a fixed --port"),
         (["--decode-threads", "-1"], {}, "--decode-threads must be 0 (one share of the cores per worker) or more"),
-        (["--gil-switch-interval", "-0.001"], {}, "--gil-switch-interval must be 0 (Python's own, 0.005) or more"),
+        (["--gil-switch-interval", "-0.001"], {}, "--gil-switch-interval must be 0 (Python's own, 0.005) or a"),
+        (["--gil-switch-interval", "nan"], {}, "--gil-switch-interval must be 0 (Python's own, 0.005) or a"),
+        ([], {"CLASSIFY_GIL_SWITCH_INTERVAL": "1e-9"}, "a finite number of seconds from 1e-6"),
     ],
 )
 def test_bad_settings_are_usage_errors(
