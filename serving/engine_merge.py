@@ -143,12 +143,12 @@ class BatchMerger:
         parts: list[_Part] = []
         rows = 0
         while self._waiting and rows < self._max_batch_size:
-            batch = self._waiting[0]
-            part = _Part(batch, batch.taken, min(batch.rows - batch.taken, self._max_batch_size - rows))
+            oldest = self._waiting[0]
+            part = _Part(oldest, oldest.taken, min(oldest.rows - oldest.taken, self._max_batch_size - rows))
             parts.append(part)
-            batch.taken += part.rows
+            oldest.taken += part.rows
             rows += part.rows
-            if batch.taken == batch.rows:
+            if oldest.taken == oldest.rows:
                 self._waiting.popleft()
         return instance, parts, rows
 
