@@ -16,7 +16,7 @@ what the server runs today (a ``ModelRuntime`` and its runner, at the precision 
 - ``cudagraph``: inputs and outputs on the GPU, one captured CUDA graph per bucket (CUDA only);
 - ``nhwc``: the CUDA provider's ``prefer_nhwc`` (CUDA only);
 - ``heuristic``: cuDNN's heuristic algorithm choice instead of the server's exhaustive search (CUDA only);
-- ``pinned``: the server's runtime fed from page-locked host memory (``benchmarks.page_locked``), as the
+- ``pinned``: the server's runtime fed from page-locked host memory (``serving.page_locked``), as the
   engine's shared memory would be if registered with CUDA (CUDA only).
 
 The ``diff`` column is the largest probability difference from the first variant run, on the same batch:
@@ -46,9 +46,9 @@ import onnxruntime as ort
 
 from benchmarks.harness import environment, format_table
 from benchmarks.onnx_variants import newest_model
-from benchmarks.page_locked import page_locked
 from serving.gpu_options import GpuOptions
 from serving.model_config import ModelSpec, load_model_spec
+from serving.page_locked import page_locked
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, batch_buckets
 
 __all__ = ["VARIANTS", "Row", "main"]

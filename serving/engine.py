@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 
 from serving.engine_merge import BatchMerger
 from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
+from serving.page_locked import lock_where_possible
 from serving.runtime import Device, DeviceUnavailable, ModelRuntime, ProviderSelector, TensorInfo, placement
 
 __all__ = [
@@ -111,6 +113,7 @@ class _Engine:
             loaded.users -= 1
             if loaded.users == 0:
                 del self.loaded[key]
+                loaded.runtime.close()
 
     def serve(self, connection: socket.socket) -> None:
         """One worker-side instance: the handshake, then batches until the worker closes the connection."""
@@ -150,15 +153,18 @@ class _Engine:
         outputs = outputs.reshape(-1, classes)
         frame = bytearray(FRAME.size)
         try:
-            while receive_exactly(connection, frame):
-                (rows,) = FRAME.unpack(frame)
-                try:
-                    timing = merger.run(inputs, rows, outputs[:rows])
-                except Exception as exc:  # the worker fails this batch's requests with the reason
-                    reason = f"{type(exc).__name__}: {exc}".encode()
-                    connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)
-                else:
-                    connection.sendall(FRAME.pack(OK) + TIMING.pack(*dataclasses.astuple(timing)))
+            with ExitStack() as page_locks:
+                if runtime.on_cuda:  # a lone batch is read from here in place: copied to the GPU directly
+                    lock_where_possible(page_locks, inputs, "a worker's shared batch memory")
+                while receive_exactly(connection, frame):
+                    (rows,) = FRAME.unpack(frame)
+                    try:
+                        timing = merger.run(inputs, rows, outputs[:rows])
+                    except Exception as exc:  # the worker fails this batch's requests with the reason
+                        reason = f"{type(exc).__name__}: {exc}".encode()
+                        connection.sendall(FRAME.pack(FAILED) + FRAME.pack(len(reason)) + reason)
+                    else:
+                        connection.sendall(FRAME.pack(OK) + TIMING.pack(*dataclasses.astuple(timing)))
         finally:
             del inputs, outputs  # the views must go before the mmap closes
 

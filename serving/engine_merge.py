@@ -33,6 +33,9 @@ class RowRunner(Protocol):
     def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
         """The first ``count`` rows of ``buffer`` through the model; may read past them, up to the padded size."""
 
+    def staging(self) -> np.ndarray:
+        """A reused buffer of the max batch size to join batches in."""
+
 
 @dataclass(frozen=True)
 class EngineRun:
@@ -87,7 +90,6 @@ class BatchMerger:
         self._waiting: deque[_Batch] = deque()  # batches with rows no run has taken yet, oldest first
         self._free = list(reversed(range(len(runners))))  # idle instances; pop() gives instance 0 first
         self._called = 0  # threads called to take a turn that have not yet answered the call
-        self._joined: list[np.ndarray | None] = [None] * len(runners)  # each instance's buffer for joined batches
 
     def run(self, buffer: np.ndarray, rows: int, outputs: np.ndarray) -> EngineRun:
         """Blocking: the first ``rows`` images of ``buffer`` (at most the max batch size) through the model,
@@ -207,11 +209,8 @@ class BatchMerger:
                     batch.woken.set()
 
     def _join(self, instance: int, parts: list[_Part], rows: int) -> np.ndarray:
-        """The parts' images, one after another, in the instance's buffer that holds the padded size: one copy
-        each."""
-        joined = self._joined[instance]
-        if joined is None:
-            first = parts[0].batch.buffer
-            joined = self._joined[instance] = np.empty((self._max_batch_size, *first.shape[1:]), first.dtype)
+        """The parts' images, one after another, in the instance's staging buffer (page-locked on CUDA, and it
+        holds the padded size): one copy each."""
+        joined = self._runners[instance].staging()
         np.concatenate([part.batch.buffer[part.start : part.start + part.rows] for part in parts], out=joined[:rows])
         return joined

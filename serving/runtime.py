@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 from serving.cores import usable_cores
 from serving.gpu_options import NO_GPU_OPTIONS, GpuOptions
+from serving.page_locked import lock_where_possible
 from serving.precision import float16_model
 
 __all__ = [
@@ -122,9 +124,10 @@ class BucketRunner:
     """One instance's runs: each batch goes through the session for its bucket, padded up to it on CUDA.
 
     Padding happens in place where it can: ``run_rows`` reads the bucket's rows straight from a buffer that
-    holds them (the engine's shared memory), and a batch of any other size is copied into one reused buffer.
-    The padding rows hold whatever that buffer held before; each image's outputs depend on that image alone,
-    and the padding's outputs are dropped. On the CPU, where one session takes any size, nothing is padded.
+    holds them (the engine's shared memory), and a batch of any other size is copied into the instance's
+    staging buffer. The padding rows hold whatever that buffer held before; each image's outputs depend on
+    that image alone, and the padding's outputs are dropped. On the CPU, where one session takes any size,
+    nothing is padded.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class BucketRunner:
         output_info: TensorInfo,
         max_batch_size: int,
         pad: bool,
+        staging: np.ndarray | None = None,
     ) -> None:
         self._sessions = sessions
         self._buckets = sorted(sessions)
@@ -141,7 +145,7 @@ class BucketRunner:
         self._output_names = [output_info.name]
         self._max_batch_size = max_batch_size
         self._pad = pad
-        self._padded: np.ndarray | None = None  # made on the first batch that needs padding
+        self._staging = staging  # made on first use unless given (page-locked on CUDA)
 
     def _bucket(self, count: int) -> int:
         return next(bucket for bucket in self._buckets if bucket >= count)
@@ -155,10 +159,16 @@ class BucketRunner:
         count = len(images)
         if self.rows_read(count) == count:
             return self.run_rows(images, count)
-        if self._padded is None:
-            self._padded = np.zeros((self._max_batch_size, *images.shape[1:]), images.dtype)
-        self._padded[:count] = images
-        return self.run_rows(self._padded, count)
+        staging = self.staging()
+        staging[:count] = images
+        return self.run_rows(staging, count)
+
+    def staging(self) -> np.ndarray:
+        """The instance's reused input buffer of the max batch size, to gather a batch in before its run; one
+        run at a time uses it (the engine's merger runs one per instance)."""
+        if self._staging is None:
+            self._staging = np.zeros((self._max_batch_size, *self._input.shape[1:]), self._input.dtype)
+        return self._staging
 
     def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
         """The first ``count`` rows of ``buffer`` through the model, read in place: ``buffer`` holds at least
@@ -206,9 +216,21 @@ class ModelRuntime:
         self.providers: list[str] = first.get_providers()
         (self.input,) = (self._describe(arg) for arg in first.get_inputs())
         (self.output,) = (self._describe(arg) for arg in first.get_outputs())
+        self.on_cuda = on_cuda
+        self._page_locks = ExitStack()  # released by close()
         self.runners = [
-            BucketRunner(sessions, self.input, self.output, max_batch_size, on_cuda) for sessions in self.instances
+            BucketRunner(sessions, self.input, self.output, max_batch_size, on_cuda, self._staging(on_cuda))
+            for sessions in self.instances
         ]
+
+    def _staging(self, on_cuda: bool) -> np.ndarray | None:
+        """On CUDA, an instance's staging buffer page-locked, so the batches gathered in it copy to the GPU
+        directly; on the CPU none ahead of use."""
+        if not on_cuda:
+            return None
+        buffer = np.zeros((self.max_batch_size, *self.input.shape[1:]), self.input.dtype)
+        lock_where_possible(self._page_locks, buffer, f"the staging buffer of {self.path}")
+        return buffer
 
     def _bucket_sessions(
         self,
@@ -243,6 +265,7 @@ class ModelRuntime:
         """Release the sessions (and their GPU memory) now rather than whenever the last reference goes."""
         self.instances.clear()
         self.runners.clear()
+        self._page_locks.close()
 
     def warm_up(self) -> None:
         """Run every bucket on every instance once, so algorithm search and allocation happen now."""

@@ -16,13 +16,25 @@ from serving.engine_merge import BatchMerger, EngineRun
 Result = TypeVar("Result")
 
 
-class GatedModel:
+class Staged:
+    """What each fake instance shares with ``BucketRunner``: the staging buffer the merger joins batches in."""
+
+    def __init__(self, shape: tuple[int, ...] = (16, 2, 2), dtype: type = np.uint8) -> None:
+        self.staged: np.ndarray = np.zeros(shape, dtype)
+
+    def staging(self) -> np.ndarray:
+        return self.staged
+
+
+class GatedModel(Staged):
     """A model whose first run waits for ``release``, so the test can queue batches behind it; records runs."""
 
     def __init__(self, fail_when_rows: int | None = None) -> None:
+        super().__init__()
         self.release = threading.Event()
         self.started = threading.Event()
         self.runs: list[int] = []
+        self.read_staging: list[bool] = []  # per run: read from the staging buffer
         self.fail_when_rows = fail_when_rows
 
     def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
@@ -30,12 +42,13 @@ class GatedModel:
         self.started.set()
         self.release.wait(10)
         self.runs.append(len(images))
+        self.read_staging.append(buffer is self.staged)
         if len(images) == self.fail_when_rows:
             raise ValueError(f"cannot run {len(images)} rows")
         return images.reshape(len(images), -1).astype(np.float32) * 2
 
 
-class Flatten:
+class Flatten(Staged):
     """A model whose outputs are its input pixels, so each batch's answer shows whose rows it got."""
 
     def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
@@ -107,7 +120,7 @@ def _queue_behind_a_running_batch(
 
 
 def test_a_lone_batch_runs_at_once_on_the_callers_thread() -> None:
-    class Model:
+    class Model(Staged):
         def run_rows(self, buffer: np.ndarray, count: int) -> np.ndarray:
             callers.append(threading.current_thread().name)
             buffers.append(buffer)
@@ -127,6 +140,7 @@ def test_batches_that_wait_behind_a_run_go_together_and_each_gets_its_own_rows()
     model = GatedModel()
     results = _queue_behind_a_running_batch(BatchMerger([model], 16), model, [2, 3, 4], _submit)
     assert model.runs == [2, 7], "the two waiting batches ran as one batch of 3 + 4"
+    assert model.read_staging == [False, True], "the lone batch read in place, the joined ones from staging"
     for first, rows in ((100, 2), (110, 3), (120, 4)):
         np.testing.assert_array_equal(results[first], _images(rows, first).reshape(rows, -1).astype(np.float32) * 2)
 
@@ -226,10 +240,11 @@ def test_a_split_batch_is_timed_by_the_run_of_its_last_rows() -> None:
     assert 0 < split.infer_ns <= split.run_ns, "the model's part of the run of 1"
 
 
-class CheckedModel:
+class CheckedModel(Staged):
     """Outputs its input; fails some runs at random; records every row it ran and any overlapping runs."""
 
     def __init__(self, max_rows: int, fail_share: float, seed: int, pause: float = 0.0) -> None:
+        super().__init__((max_rows, 3), np.uint16)
         self.max_rows = max_rows
         self.pause = pause  # up to this many seconds per run, at random, so that runs on several instances overlap
         self.fail_share = fail_share

@@ -5,6 +5,7 @@ Skipped, with the reason, where ONNX Runtime's CUDA provider cannot run (CI has 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from serving.protos.classify.v1 import classify_pb2 as pb
 from serving.protos.classify.v1 import classify_pb2_grpc
 from serving.runtime import Device, DeviceUnavailable, ProviderSelector
-from tests.serving.conftest import REPO_ROOT, ServerProcess
+from tests.serving.conftest import REPO_ROOT, ServerProcess, free_port
 from training.mnist import MnistSplit
 from training.photos import PhotoSet
 
@@ -41,11 +42,20 @@ def _classify(stub: classify_pb2_grpc.ClassifierStub, model: str, images: list[p
     return labels
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_both_models_serve_correctly_on_cuda(
-    start_server: object, mnist_test_split: MnistSplit, photo_set: PhotoSet, tmp_path: Path
+    start_server: object, mnist_test_split: MnistSplit, photo_set: PhotoSet, tmp_path: Path, workers: int
 ) -> None:
-    """The production path: the committed models, their committed configs (cat/dog in FP16), the CUDA provider."""
-    server: ServerProcess = start_server("--model-repository", str(REPO_ROOT / "models"), "--device", "cuda")  # type: ignore[operator]
+    """The production path: the committed models, their committed configs (cat/dog in FP16), the CUDA provider;
+    with two workers, through the engine, whose joined and in-place inputs are page-locked."""
+    server: ServerProcess = start_server(  # type: ignore[operator]
+        "--model-repository", str(REPO_ROOT / "models"), "--device", "cuda",
+        "--workers", str(workers), "--port", str(free_port()),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while server.log.count("serving.server: ready:") < workers and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "stays pageable" not in server.log, "CUDA page-locks the engine's and the instances' input buffers"
     on_cuda = "versions [1] on CUDAExecutionProvider, CPUExecutionProvider"
     assert f"model digits ready: {on_cuda}" in server.log
     assert f"model digits ready: {on_cuda} in float16" not in server.log

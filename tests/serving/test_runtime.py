@@ -4,6 +4,7 @@ the CPU fallback's sessions."""
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.cores import usable_cores
+from serving.page_locked import lock_where_possible
 from serving.runtime import BucketRunner, Device, ModelRuntime, ProviderSelector, batch_buckets
 
 DIGITS = Path("models/digits/1/model.onnx")
@@ -80,3 +82,16 @@ def test_cpu_sessions_use_the_cores_the_process_may_run_on_not_the_machines() ->
 def test_buckets_are_powers_of_two_and_from_96_halfway_sizes(max_batch_size: int, buckets: tuple[int, ...]) -> None:
     """A run of 70 images goes in a session for 96, not 128: padding stays under a third of a large session."""
     assert batch_buckets(max_batch_size) == buckets
+
+
+def test_memory_cuda_cannot_page_lock_is_used_as_it_is_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Page-locking only speeds copies to a GPU: where CUDA cannot do it (no CUDA runtime, no GPU) the buffer
+    is used as it is, and the log says why; where it can, it is locked and released with the stack."""
+    buffer = np.zeros((4, 8), np.uint8)
+    with ExitStack() as stack:
+        locked = lock_where_possible(stack, buffer, "a test buffer")
+    if locked:
+        assert "stays pageable" not in caplog.text
+    else:
+        assert "a test buffer stays pageable, so copies from it to the GPU are staged" in caplog.text
+    buffer[:] = 1  # still ordinary memory, whichever happened
