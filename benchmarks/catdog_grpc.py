@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=["server", "baseline"],
         help="server (the committed config), baseline (no batching, one worker), with changes after colons: "
         ":i2 (2 instances), :fp16 or :fp32 (precision on the GPU), :d0 (no queue delay), :nhwc or :nchw "
-        "(prefer_nhwc on, off), :t2 (2 decode threads per worker), :g500 (a 500 us GIL switch interval)",
+        "(prefer_nhwc on, off), :t2 (2 decode threads per worker)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[128], help="requests in flight, in all")

@@ -55,7 +55,6 @@ __all__ = [
 _READY_TIMEOUT = 300.0
 _CHANGE = re.compile(
     r"i(?P<instances>\d+)|d(?P<delay>\d+)|(?P<precision>fp16|fp32)|(?P<layout>nhwc|nchw)|t(?P<decode_threads>\d+)"
-    r"|g(?P<gil_us>\d+)"
 )
 
 
@@ -172,15 +171,9 @@ def server_repository(source: Path, scratch: Path, model: str, name: str) -> Pat
 
 
 def server_flags(name: str) -> list[str]:
-    """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker, ``:gN`` a GIL
-    switch interval of N microseconds in each (``--gil-switch-interval``)."""
+    """The command-line flags a named server adds: ``:tN`` is ``--decode-threads N`` in each worker."""
     _, settings = _changes(name)
-    flags = ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
-    if "gil_us" in settings:
-        if int(settings["gil_us"]) == 0:
-            raise ValueError(f"server {name!r}: a GIL switch interval of 0 us would mean Python's own; leave out :g0")
-        flags += ["--gil-switch-interval", repr(int(settings["gil_us"]) / 1e6)]
-    return flags
+    return ["--decode-threads", settings["decode_threads"]] if "decode_threads" in settings else []
 
 
 def server_command(

@@ -29,10 +29,6 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 def run_server(settings: Settings, engine: str | None = None) -> int:
     """Serve in this process until drained; 2 with a one-line reason when the server cannot start."""
-    if settings.gil_switch_interval:
-        # A decode thread back from Pillow's C code waits this long for the GIL before it asks the event loop to
-        # let go; the event loop gives it up at its next check.
-        sys.setswitchinterval(settings.gil_switch_interval)
     try:
         _run(serve(settings, engine))
     except (DeviceUnavailable, ConfigError, StartupError) as exc:

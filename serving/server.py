@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -124,9 +123,9 @@ class ClassifyServer:
                                    f"{exc.strerror}") from None  # fmt: skip
             self.metrics_port = self._metrics_server.server_port
         _log.info(
-            "listening on %s port %d (%s), metrics port %d, health port %d; decode threads: %d, GIL switch "
-            "interval: %g ms", self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port,
-            self.health_port, self.decode_threads, sys.getswitchinterval() * 1e3,
+            "listening on %s port %d (%s), metrics port %d, health port %d; decode threads: %d",
+            self.settings.host, self.port, "TLS" if credentials else "plaintext", self.metrics_port, self.health_port,
+            self.decode_threads,
         )  # fmt: skip
         await self.repository.load_all()
         if self.repository.ready:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +40,6 @@ class Settings:
     workers: int = field(default=1, metadata={"help": "server processes sharing the port, each with its own sessions"})
     decode_threads: int = field(
         default=0, metadata={"help": "image decode threads per server process; 0: the usable cores over --workers"}
-    )
-    gil_switch_interval: float = field(
-        default=0.0,
-        metadata={
-            "help": "each gRPC process's GIL switch interval: seconds a thread waits for the GIL before it asks the "
-            "holder to let go; 0: Python's own, 0.005 (the engine process keeps Python's own)"
-        },
     )
     grace_period: float = field(default=30.0, metadata={"help": "seconds to finish in-flight requests on SIGTERM"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve gRPC over TLS"})
@@ -131,8 +123,6 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--workers must be at least 1")
     if settings.decode_threads < 0:
         parser.error("--decode-threads must be 0 (one share of the cores per worker) or more")
-    if not (settings.gil_switch_interval == 0 or 1e-6 <= settings.gil_switch_interval < math.inf):
-        parser.error("--gil-switch-interval must be 0 (Python's own, 0.005) or a finite number of seconds from 1e-6")
     if settings.workers > 1 and settings.port == 0:
         parser.error("--workers above 1 needs a fixed --port: the workers share it")
     return settings

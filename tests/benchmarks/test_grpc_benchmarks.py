@@ -62,13 +62,9 @@ def test_server_repository_names_change_only_what_they_say(repo_root: Path, tmp_
     assert served == committed, "the plain server runs the committed, tuned config"
 
 
-def test_decode_threads_and_gil_interval_are_server_flags_not_a_config_change(repo_root: Path, tmp_path: Path) -> None:
+def test_decode_threads_are_a_server_flag_not_a_config_change(repo_root: Path, tmp_path: Path) -> None:
     models = repo_root / "models"
     assert server_flags("server:t2:i1") == ["--decode-threads", "2"]
-    assert server_flags("server:g500:t2") == ["--decode-threads", "2", "--gil-switch-interval", "0.0005"]
-    assert server_flags("server:g1234567") == ["--gil-switch-interval", "1.234567"]
-    with pytest.raises(ValueError, match="leave out :g0"):
-        server_flags("server:g0")
     assert server_flags("server:i1") == []
     threads = _config(server_repository(models, tmp_path / "a", "digits", "server:t2:i1"), "digits")
     assert threads == _config(server_repository(models, tmp_path / "b", "digits", "server:i1"), "digits")

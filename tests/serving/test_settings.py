@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,9 +40,6 @@ def test_variables_fill_and_flags_win() -> None:
         (["--workers", "0"], {}, "--workers must be at least 1"),
         (["--workers", "2", "--port", "0"], {}, "--workers above 1 needs a fixed --port"),
         (["--decode-threads", "-1"], {}, "--decode-threads must be 0 (one share of the cores per worker) or more"),
-        (["--gil-switch-interval", "-0.001"], {}, "--gil-switch-interval must be 0 (Python's own, 0.005) or a"),
-        (["--gil-switch-interval", "nan"], {}, "--gil-switch-interval must be 0 (Python's own, 0.005) or a"),
-        ([], {"CLASSIFY_GIL_SWITCH_INTERVAL": "1e-9"}, "a finite number of seconds from 1e-6"),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -86,17 +82,3 @@ def test_decode_pool_shares_the_cores_among_workers(
     use (``serving.cores``), at least one."""
     monkeypatch.setattr("serving.settings.usable_cores", lambda: 16)
     assert Settings(workers=workers, decode_threads=threads).decode_pool_size() == pool
-
-
-@pytest.mark.parametrize(
-    ("flags", "logged"),
-    [((), "GIL switch interval: 5 ms"), (("--gil-switch-interval", "0.0005"), "GIL switch interval: 0.5 ms")],
-)
-def test_a_server_process_runs_with_the_gil_switch_interval_it_was_given(
-    start_server: Callable[..., ServerProcess], tmp_path: Path, flags: tuple[str, ...], logged: str
-) -> None:
-    """The interval belongs to a process: each server process sets it before serving and says which it runs."""
-    repository = write_repository(tmp_path)
-    server = start_server("--model-repository", str(repository), "--device", "cpu", *flags, serving=False)
-    server.wait_listening()
-    assert logged in server.log

@@ -44,13 +44,12 @@ def test_workers_share_the_port_and_all_serve(start_server: object, tmp_path: Pa
     port = free_port()
     server: ServerProcess = start_server(  # type: ignore[operator]
         "--model-repository", str(repository), "--device", "cpu", "--port", str(port),
-        "--workers", str(WORKERS), "--metrics-port", str(metrics_base), "--gil-switch-interval", "0.0005",
+        "--workers", str(WORKERS), "--metrics-port", str(metrics_base),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while server.log.count("serving.server: ready:") < WORKERS and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log.count("serving.server: ready:") == WORKERS, server.log
-    assert server.log.count("GIL switch interval: 0.5 ms") == WORKERS, "a process's own setting, set in each"
 
     request = pb.ClassifyRequest(
         model="digits", images=[pb.Image(raw=pb.RawImage(data=np.zeros(784, np.uint8).tobytes(), shape=[28, 28, 1]))]
