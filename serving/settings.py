@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class Settings:
     max_image_pixels: int = field(default=50_000_000, metadata={"help": "largest decoded image (width x height)"})
     workers: int = field(default=1, metadata={"help": "server processes sharing the port, each with its own sessions"})
     decode_threads: int = field(
-        default=0, metadata={"help": "image decode threads per server process; 0: the usable cores over --workers"}
+        default=0,
+        metadata={"help": "image decode threads per server process; 0: the usable cores over --workers, rounded up"},
     )
     grace_period: float = field(default=30.0, metadata={"help": "seconds to finish in-flight requests on SIGTERM"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve gRPC over TLS"})
@@ -52,9 +54,11 @@ class Settings:
     )
 
     def decode_pool_size(self) -> int:
-        """``decode_threads``, or the cores this process may run on shared among the workers: more threads per
-        process than that only queue for its GIL between decodes, and crowd out its event loop."""
-        return self.decode_threads or max(1, usable_cores() // self.workers)
+        """``decode_threads``, or the cores this process may run on shared among the workers, rounded up: many
+        more threads per process only queue for its GIL between decodes and crowd out its event loop, but one
+        fewer than the share leaves the decode stage short (12 workers on 16 cores decode with 2 threads each,
+        ``benchmarks/BENCHMARKS.md`` section 3)."""
+        return self.decode_threads or math.ceil(usable_cores() / self.workers)
 
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {

@@ -74,11 +74,11 @@ def test_json_log_lines(start_server: object, tmp_path: Path) -> None:
     assert {"time", "level", "name", "message"} <= set(lines[0])
 
 
-@pytest.mark.parametrize(("workers", "threads", "pool"), [(1, 0, 16), (8, 0, 2), (32, 0, 1), (8, 5, 5)])
+@pytest.mark.parametrize(("workers", "threads", "pool"), [(1, 0, 16), (8, 0, 2), (12, 0, 2), (32, 0, 1), (8, 5, 5)])
 def test_decode_pool_shares_the_cores_among_workers(
     workers: int, threads: int, pool: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers on one box decode side by side: by default each gets its share of the cores the process may
-    use (``serving.cores``), at least one."""
+    use (``serving.cores``), rounded up, so at least one."""
     monkeypatch.setattr("serving.settings.usable_cores", lambda: 16)
     assert Settings(workers=workers, decode_threads=threads).decode_pool_size() == pool
