@@ -55,8 +55,8 @@ class Settings:
 
     def decode_pool_size(self) -> int:
         """``decode_threads``, or the cores this process may run on shared among the workers, rounded up: many
-        more threads per process only queue for its GIL between decodes and crowd out its event loop, but one
-        fewer than the share leaves the decode stage short (12 workers on 16 cores decode with 2 threads each,
+        more threads per process only queue for its GIL between decodes and crowd out its event loop, but rounding
+        the share down leaves the decode stage short (12 workers on 16 cores decode with 2 threads each,
         ``benchmarks/BENCHMARKS.md`` section 3)."""
         return self.decode_threads or math.ceil(usable_cores() / self.workers)
 
