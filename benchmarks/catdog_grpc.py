@@ -11,7 +11,7 @@ start-up, warm-up and exit; the columns from the workers' /metrics cover the who
 part of the client's mean latency spent inside the workers' handlers, from their /metrics; ``eng wait``,
 ``eng run``, ``eng infer`` and ``run imgs`` (with ``--workers N``): per batch a worker sent to the engine, its
 wait there for the model instance, the time of the joined run that answered it (a batch split over two runs:
-the second), the model's own part of that run (the rest is the engine joining inputs and splitting outputs)
+the later to end), the model's own part of that run (the rest is the engine joining inputs and splitting outputs)
 and its images, and ``inst0`` the part of those batches run by the model's instance 0 (the engine's one
 queue takes an idle instance 0 first, so a high share below full load means batches did not wait);
 ``dec wait``, ``dec ms`` and ``dec cpu``: per encoded image, its wait for a decode thread (behind other

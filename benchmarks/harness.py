@@ -138,7 +138,7 @@ def _changes(name: str) -> tuple[str, dict[str, str]]:
     for change in changes:
         match = _CHANGE.fullmatch(change)
         if match is None:
-            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw, tN, gN)")
+            raise ValueError(f"server {name!r}: unknown change {change!r} (iN, dN, fp16, fp32, nhwc, nchw, tN)")
         ((setting, value),) = ((key, value) for key, value in match.groupdict().items() if value is not None)
         if setting in settings:
             raise ValueError(f"server {name!r}: {change!r} changes the {setting} again")
@@ -149,8 +149,8 @@ def _changes(name: str) -> tuple[str, dict[str, str]]:
 def server_repository(source: Path, scratch: Path, model: str, name: str) -> Path:
     """The repository for a named server: ``server`` (the committed config) or ``baseline`` (batching off), with
     changes after colons: ``:i2`` two instances, ``:d0`` no queue delay, ``:fp16`` and ``:fp32`` the precision
-    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off (``:tN`` and ``:gN`` are server
-    flags, ``server_flags``).
+    on the GPU, ``:nhwc`` and ``:nchw`` the ``prefer_nhwc`` parameter on and off (``:tN`` is a server flag,
+    ``server_flags``).
 
     Raises:
         ValueError: an unknown name or change, or one setting changed twice.

@@ -55,13 +55,13 @@ class Metrics:
         )  # fmt: skip
         self.engine_run = histogram(
             "classify_engine_run_duration_seconds",
-            "Time of the engine run that answered a batch (for a split batch, its last rows' run)",
+            "Time of the engine run that answered a batch (for a split batch, the later of its runs to end)",
             _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_infer = histogram(
             "classify_engine_infer_duration_seconds",
             "Time of the model call (session, device copies) within the engine run that answered a batch (for a "
-            "split batch, its last rows' run)",
+            "split batch, the later of its runs to end)",
             _LATENCY_BUCKETS, "model_instance",
         )  # fmt: skip
         self.engine_run_size = histogram(
