@@ -137,7 +137,6 @@ class BucketRunner:
         output_info: TensorInfo,
         max_batch_size: int,
         pad: bool,
-        staging: np.ndarray | None = None,
     ) -> None:
         self._sessions = sessions
         self._buckets = sorted(sessions)
@@ -145,7 +144,7 @@ class BucketRunner:
         self._output_names = [output_info.name]
         self._max_batch_size = max_batch_size
         self._pad = pad
-        self._staging = staging  # made on first use unless given (page-locked on CUDA)
+        self._staging: np.ndarray | None = None  # made on first use (page-locked on CUDA by ModelRuntime)
 
     def _bucket(self, count: int) -> int:
         return next(bucket for bucket in self._buckets if bucket >= count)
@@ -219,18 +218,11 @@ class ModelRuntime:
         self.on_cuda = on_cuda
         self._page_locks = ExitStack()  # released by close()
         self.runners = [
-            BucketRunner(sessions, self.input, self.output, max_batch_size, on_cuda, self._staging(on_cuda))
-            for sessions in self.instances
+            BucketRunner(sessions, self.input, self.output, max_batch_size, on_cuda) for sessions in self.instances
         ]
-
-    def _staging(self, on_cuda: bool) -> np.ndarray | None:
-        """On CUDA, an instance's staging buffer page-locked, so the batches gathered in it copy to the GPU
-        directly; on the CPU none ahead of use."""
-        if not on_cuda:
-            return None
-        buffer = np.zeros((self.max_batch_size, *self.input.shape[1:]), self.input.dtype)
-        lock_where_possible(self._page_locks, buffer, f"the staging buffer of {self.path}")
-        return buffer
+        if on_cuda:  # the batches gathered in each instance's staging buffer copy to the GPU directly
+            for runner in self.runners:
+                lock_where_possible(self._page_locks, runner.staging(), f"the staging buffer of {self.path}")
 
     def _bucket_sessions(
         self,
